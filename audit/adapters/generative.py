@@ -1,0 +1,275 @@
+"""White-box adapter for generative vision-language models loaded from a local HF folder.
+
+Scoring follows the lm-eval convention: the context (chat-formatted prompt with its image)
+is tokenised by the model's own processor, each candidate continuation separately, and the
+two id sequences are concatenated, so a candidate's score never depends on how the
+tokenizer would merge it with the prompt.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from audit.adapters.base import Capabilities, ModalitySpan, ModelAdapter, Query
+from audit.adapters.sites import FamilySites, resolve
+from audit.errors import InputError, UnsupportedError
+
+__all__ = ["GenerativeAdapter", "Encoded", "FALLBACK_TEMPLATE"]
+
+# Used when a processor ships no chat template (documented in the README).
+FALLBACK_TEMPLATE = "USER: {image}{prompt} ASSISTANT:"
+NAN_MESSAGE = "the model returned NaN or infinite log-probabilities"
+
+
+@dataclass
+class Encoded:
+    """A padded batch plus where each row's scored continuation sits."""
+
+    inputs: dict[str, torch.Tensor]
+    context_lengths: list[int]
+    continuations: list[list[int]]
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self.inputs["input_ids"]
+
+
+class GenerativeAdapter(ModelAdapter):
+    def __init__(self, model, processor, *, architecture: str, sites: FamilySites, device: str = "cpu") -> None:
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.architecture = architecture
+        self.sites = sites
+        self.device = device
+        cfg = model.config
+        self.image_token_id = getattr(cfg, sites.image_token_attr, None)
+        if self.image_token_id is None:
+            raise UnsupportedError(f"config has no {sites.image_token_attr}", where=architecture)
+        self.image_token = self.tokenizer.convert_ids_to_tokens(int(self.image_token_id))
+        self.capabilities = Capabilities(
+            kind="generative", white_box=True, fusion=sites.fusion, hooks=True,
+            attention_patterns=True, gradients=True,
+            notes=("attention patterns are read by switching only the read layers to eager attention",),
+        )
+
+    # ------------------------------------------------------------------ prompts
+    def prompt_text(self, prompt: str, *, has_image: bool) -> str:
+        template = getattr(self.processor, "chat_template", None)
+        if template:
+            content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": prompt}]
+            return self.processor.apply_chat_template(
+                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+            )
+        return FALLBACK_TEMPLATE.format(image=f"{self.image_token}\n" if has_image else "", prompt=prompt)
+
+    def continuation_ids(self, text: str) -> list[int]:
+        ids = self.tokenizer(" " + text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise InputError(f"candidate {text!r} tokenizes to nothing")
+        return list(ids)
+
+    # ------------------------------------------------------------------ encoding
+    @contextlib.contextmanager
+    def _padding(self, side: str) -> Iterator[None]:
+        old = self.tokenizer.padding_side
+        self.tokenizer.padding_side = side
+        try:
+            yield
+        finally:
+            self.tokenizer.padding_side = old
+
+    def _process(self, prompts: Sequence[str], images: Sequence, *, side: str = "right") -> dict:
+        texts = [self.prompt_text(p, has_image=im is not None) for p, im in zip(prompts, images)]
+        present = [im for im in images if im is not None]
+        if present and len(present) != len(images):
+            raise InputError("a batch mixes queries with and without images")
+        kwargs = {}
+        if present:
+            kwargs["images"] = [[im] for im in present] if self.sites.fusion == "cross_attention" else present
+        with self._padding(side):
+            out = self.processor(text=texts, return_tensors="pt", padding=True, **kwargs)
+        return dict(out)
+
+    def encode(self, queries: Sequence[Query], continuations: Sequence[Sequence[int]] | None = None) -> Encoded:
+        """Context of each query, optionally followed by a continuation (one per query)."""
+        raw = self._process([q.prompt for q in queries], [q.image for q in queries])
+        ids, mask = raw["input_ids"], raw["attention_mask"]
+        lengths = [int(n) for n in mask.sum(1)]
+        conts = [list(c) for c in continuations] if continuations is not None else [[] for _ in queries]
+        total = max(n + len(c) for n, c in zip(lengths, conts))
+        pad = self.tokenizer.pad_token_id or 0
+        seq_keys = [k for k, v in raw.items() if torch.is_tensor(v) and v.dim() >= 2 and v.shape[:2] == ids.shape]
+        inputs = {k: v for k, v in raw.items() if k not in seq_keys}
+        for key in seq_keys:
+            v = raw[key]
+            rows = []
+            for r, (n, c) in enumerate(zip(lengths, conts)):
+                ctx = v[r, :n]
+                if key == "input_ids":
+                    ext = torch.tensor(c, dtype=v.dtype)
+                else:  # per-token side inputs (masks, token types) continue like the last context token
+                    ext = ctx[-1:].expand(len(c), *ctx.shape[1:])
+                row = torch.cat([ctx, ext])
+                fill = pad if key == "input_ids" else 0
+                padding = torch.full((total - len(row), *row.shape[1:]), fill, dtype=v.dtype)
+                rows.append(torch.cat([row, padding]))
+            inputs[key] = torch.stack(rows)
+        inputs = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in inputs.items()}
+        return Encoded(inputs=inputs, context_lengths=lengths, continuations=conts)
+
+    def forward(self, enc: Encoded, **kwargs):
+        return self.model(**enc.inputs, use_cache=False, **kwargs)
+
+    # ------------------------------------------------------------------ scoring
+    @staticmethod
+    def continuation_logprobs(logits: torch.Tensor, enc: Encoded) -> torch.Tensor:
+        """Summed log-probability of each row's continuation, differentiable."""
+        out = []
+        for r, (n, c) in enumerate(zip(enc.context_lengths, enc.continuations)):
+            pos = torch.arange(n - 1, n - 1 + len(c), device=logits.device)
+            lp = torch.log_softmax(logits[r, pos].float(), dim=-1)
+            out.append(lp[torch.arange(len(c)), torch.tensor(c, device=logits.device)].sum())
+        return torch.stack(out)
+
+    @torch.no_grad()
+    def score(self, queries: Sequence[Query], *, batch_size: int = 16) -> list[np.ndarray]:
+        results: list[np.ndarray | None] = [None] * len(queries)
+        # Batches never mix image and text-only queries (processors require that).
+        for has_image in (True, False):
+            idx = [i for i, q in enumerate(queries) if (q.image is not None) == has_image]
+            for s in range(0, len(idx), batch_size):
+                chunk = idx[s:s + batch_size]
+                for i, scores in zip(chunk, self._score_batch([queries[i] for i in chunk])):
+                    results[i] = scores
+        return results  # type: ignore[return-value]
+
+    def _score_batch(self, queries: Sequence[Query]) -> list[np.ndarray]:
+        cand_ids = [[self.continuation_ids(c) for c in q.candidates] for q in queries]
+        if all(len(ids) == 1 for row in cand_ids for ids in row):
+            # Fast path: every candidate is one token, one forward per query scores them all.
+            enc = self.encode(queries)
+            logits = self.forward(enc).logits
+            out = []
+            for r, n in enumerate(enc.context_lengths):
+                lp = torch.log_softmax(logits[r, n - 1].float(), dim=-1)
+                out.append(lp[[ids[0] for ids in cand_ids[r]]].cpu().numpy().astype(np.float64))
+        else:
+            rows = [(i, ids) for i, row in enumerate(cand_ids) for ids in row]
+            enc = self.encode([queries[i] for i, _ in rows], [ids for _, ids in rows])
+            flat = self.continuation_logprobs(self.forward(enc).logits, enc).cpu().numpy().astype(np.float64)
+            out, k = [], 0
+            for row in cand_ids:
+                out.append(flat[k:k + len(row)])
+                k += len(row)
+        for q, s in zip(queries, out):
+            if not np.all(np.isfinite(s)):
+                raise InputError(NAN_MESSAGE, where=f"prompt {q.prompt[:40]!r}")
+        return out
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate_detailed(self, queries: Sequence[Query], *, max_new_tokens: int = 8, top_k: int = 0) -> list[dict]:
+        """Greedy generation with per-token log-probabilities and top-k alternatives."""
+        raw = self._process([q.prompt for q in queries], [q.image for q in queries], side="left")
+        raw = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in raw.items()}
+        out = self.model.generate(
+            **raw, max_new_tokens=max_new_tokens, do_sample=False, output_scores=True,
+            return_dict_in_generate=True, pad_token_id=self.tokenizer.pad_token_id,
+        )
+        start = raw["input_ids"].shape[1]
+        eos = self.tokenizer.eos_token_id
+        results = []
+        for r in range(len(queries)):
+            tokens = []
+            for t, step in enumerate(out.scores):
+                tid = int(out.sequences[r, start + t])
+                if tid == eos or tid == self.tokenizer.pad_token_id:
+                    break
+                lp = torch.log_softmax(step[r].float(), dim=-1)
+                top = []
+                if top_k:
+                    vals, ids = lp.topk(top_k)
+                    top = [(self.tokenizer.decode([int(i)]).strip(), float(v)) for v, i in zip(vals, ids)]
+                tokens.append({"token": self.tokenizer.decode([tid]).strip(), "logprob": float(lp[tid]), "top": top})
+            text = " ".join(t["token"] for t in tokens) if self._word_level else self.tokenizer.decode(
+                out.sequences[r, start:start + len(tokens)], skip_special_tokens=True).strip()
+            results.append({"text": text, "tokens": tokens})
+        return results
+
+    @property
+    def _word_level(self) -> bool:
+        model = getattr(getattr(self.tokenizer, "backend_tokenizer", None), "model", None)
+        return type(model).__name__ == "WordLevel"
+
+    def generate(self, queries: Sequence[Query], *, max_new_tokens: int = 8) -> list[str]:
+        return [r["text"] for r in self.generate_detailed(queries, max_new_tokens=max_new_tokens)]
+
+    # ------------------------------------------------------------------ structure and hooks
+    def image_spans(self, input_ids: torch.Tensor) -> list[list[ModalitySpan]]:
+        """Contiguous runs of image tokens in each row."""
+        spans = []
+        for row in input_ids.tolist():
+            found, start = [], None
+            for pos, tok in enumerate([*row, None]):
+                if tok == self.image_token_id and start is None:
+                    start = pos
+                elif tok != self.image_token_id and start is not None:
+                    n = pos - start
+                    side = int(round(n ** 0.5))
+                    grid = (side, side) if side * side == n and n > 1 else None
+                    found.append(ModalitySpan("image", start, pos, image_index=len(found), grid=grid))
+                    start = None
+            spans.append(found)
+        return spans
+
+    @property
+    def n_layers(self) -> int:
+        return len(resolve(self.model, self.sites.language_layers))
+
+    def site_module(self, site: str) -> torch.nn.Module:
+        parts = site.split(".")
+        try:
+            if site == "projector":
+                return resolve(self.model, self.sites.projector)
+            if site == "language.embed":
+                return resolve(self.model, self.sites.embed)
+            if parts[:2] == ["language", "blocks"]:
+                block = resolve(self.model, self.sites.language_layers)[int(parts[2])]
+                if parts[3] == "resid":
+                    return block
+                if parts[3] == "attn":
+                    return block.self_attn if hasattr(block, "self_attn") else block.cross_attn
+            if parts[:2] == ["vision", "blocks"]:
+                return resolve(self.model, self.sites.vision_layers)[int(parts[2])]
+        except (AttributeError, IndexError, ValueError) as exc:
+            raise UnsupportedError(f"no hook site {site!r} on this model ({exc})", where=self.architecture) from exc
+        raise UnsupportedError(f"unknown hook site {site!r}", where=self.architecture)
+
+    @contextlib.contextmanager
+    def hooks(self, fns: Mapping[str, Callable]) -> Iterator[None]:
+        """Forward hooks at canonical sites; always removed, even when the body raises."""
+        handles = []
+        try:
+            for site, fn in fns.items():
+                handles.append(self.site_module(site).register_forward_hook(fn))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d["n_layers"] = self.n_layers
+        d["parameters"] = sum(p.numel() for p in self.model.parameters())
+        return d
+
+    @property
+    def path(self) -> Path | None:
+        name = getattr(self.model, "name_or_path", None)
+        return Path(name) if name else None

@@ -1,0 +1,114 @@
+"""The `mmaudit` command line (CONTRACT.md). Heavy imports happen inside each command."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from audit.errors import InputError
+
+__all__ = ["main", "build_parser"]
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from reference_models.architectures import ARCHS, PRESETS, TEXT_ENCODERS
+
+    p = argparse.ArgumentParser(prog="mmaudit", description="Audit vision-language models: modality reliance, "
+                                "attention, bias, hallucination, robustness and privacy.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    ref = sub.add_parser("reference", help="synthetic data and reference models with known properties")
+    rsub = ref.add_subparsers(dest="reference_command", required=True, metavar="SUBCOMMAND")
+    d = rsub.add_parser("data", help="generate the synthetic vision-language dataset")
+    d.add_argument("--out", required=True, metavar="DATA_DIR")
+    d.add_argument("--n", type=_positive_int, default=2000, help="ordinary examples (default 2000)")
+    d.add_argument("--bias", type=_probability, default=0.5, help="P(occupation | group) (default 0.5)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--image-size", type=int, default=64)
+    d.add_argument("--overwrite", action="store_true", help="replace an existing DATA_DIR")
+
+    t = rsub.add_parser("train", help="train a reference model and save it in Hugging Face form")
+    t.add_argument("--arch", required=True, choices=ARCHS)
+    t.add_argument("--preset", required=True, choices=tuple(PRESETS))
+    t.add_argument("--variant", required=True, choices=("grounded", "text_shortcut", "biased", "fair"))
+    t.add_argument("--data", required=True, metavar="DATA_DIR")
+    t.add_argument("--out", required=True, metavar="MODEL_DIR")
+    t.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--text-encoder", default="scratch", choices=TEXT_ENCODERS,
+                   help="clip only: 'minilm' uses the pretrained all-MiniLM-L6-v2 text tower")
+    t.add_argument("--epochs", type=_positive_int)
+    t.add_argument("--batch-size", type=_positive_int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--overwrite", action="store_true", help="replace an existing MODEL_DIR")
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server for a MODEL_DIR")
+    s.add_argument("--model", required=True, metavar="MODEL_DIR")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    s.add_argument("--max-batch", type=_positive_int, default=16)
+
+    r = sub.add_parser("run", help="audit a model with a suite or a list of probes")
+    src = r.add_mutually_exclusive_group(required=False)
+    src.add_argument("--model", metavar="MODEL_DIR")
+    src.add_argument("--endpoint", metavar="URL")
+    r.add_argument("--data", metavar="DATA_DIR")
+    which = r.add_mutually_exclusive_group(required=False)
+    which.add_argument("--suite", choices=("quick", "standard", "full"))
+    which.add_argument("--probes", metavar="NAME[,NAME...]")
+    r.add_argument("--out", metavar="RUN_DIR")
+    r.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--store", metavar="DB_PATH", help="DuckDB store (default ~/.mmaudit/store.duckdb)")
+    r.add_argument("--config", metavar="CONFIG.yaml", help="YAML file that replaces the flags above")
+    r.add_argument("--on-error", choices=("stop", "skip"), default="stop",
+                   help="bad manifest lines: stop (default) or skip them")
+    r.add_argument("--batch-size", type=_positive_int, default=16)
+    r.add_argument("--max-examples", type=_positive_int, help="audit at most this many examples per probe")
+    r.add_argument("--yes", action="store_true", help="do not pause on the cost estimate")
+
+    ls = sub.add_parser("runs", help="list stored runs")
+    ls.add_argument("--store", metavar="DB_PATH")
+
+    demo = sub.add_parser("demo", help="synthetic data -> tiny reference model -> standard audit")
+    demo.add_argument("--out", default="mmaudit-demo", metavar="DIR")
+    demo.add_argument("--store", metavar="DB_PATH")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        from audit import commands
+
+        return int(getattr(commands, f"cmd_{args.command}")(args) or 0)
+    except InputError as exc:
+        print(f"mmaudit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mmaudit: interrupted; completed work is kept and a rerun resumes it", file=sys.stderr)
+        return 130

@@ -1,0 +1,58 @@
+"""`mmaudit run --config FILE.yaml`: the run flags as a file (safe YAML, validated by pydantic).
+
+Errors name the file and the field, e.g. `run.yaml: field 'seed': Input should be a valid integer`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from audit.errors import InputError
+
+__all__ = ["RunConfig", "load_run_config"]
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    endpoint: str | None = None
+    data: str
+    suite: Literal["quick", "standard", "full"] | None = None
+    probes: list[str] | None = None
+    out: str
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    seed: int = 0
+    store: str | None = None
+    on_error: Literal["stop", "skip"] = "stop"
+    batch_size: int = 16
+    max_examples: int | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "RunConfig":
+        if (self.model is None) == (self.endpoint is None):
+            raise ValueError("give exactly one of 'model' or 'endpoint'")
+        if self.suite and self.probes:
+            raise ValueError("give 'suite' or 'probes', not both")
+        return self
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except OSError as exc:
+        raise InputError(f"cannot read config ({exc.strerror})", where=str(p)) from exc
+    except yaml.YAMLError as exc:
+        raise InputError(f"not valid YAML ({exc})", where=str(p)) from exc
+    if not isinstance(raw, dict):
+        raise InputError("the config must be a mapping of field: value", where=str(p))
+    try:
+        return RunConfig(**raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(x) for x in err["loc"]) or "config"
+        raise InputError(f"field {field!r}: {err['msg']}", where=str(p)) from exc

@@ -1,0 +1,1 @@
+"""Streamlit dashboard: reads the store only (no torch import)."""

@@ -1,0 +1,1 @@
+"""Audit probes. Each module registers one probe."""

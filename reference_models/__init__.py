@@ -1,0 +1,1 @@
+"""mmaudit reference models: synthetic data, HF-form models with planted properties, and an HTTP server."""

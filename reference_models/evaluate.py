@@ -1,0 +1,97 @@
+"""`eval.json` of a reference model: accuracy per question family on the test split, the
+same with blanked images (the text_shortcut check), the planted-bias indicators, and for
+dual encoders retrieval R@1 over scene captions."""
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+
+import numpy as np
+from PIL import Image
+
+from audit.adapters.base import ModelAdapter, Query
+from audit.dataset import Dataset, Example
+from reference_models.synthetic import COLOURS, COUNT_WORDS, OCCUPATIONS, SHAPES
+
+__all__ = ["evaluate_reference", "scene_caption", "STEREOTYPE"]
+
+# The occupation that --bias makes more likely for each group.
+STEREOTYPE = {"a": OCCUPATIONS[0], "b": OCCUPATIONS[1]}
+
+
+def scene_caption(attributes) -> str | None:
+    """'two red circle' for an object scene, None for anything else."""
+    try:
+        return f"{COUNT_WORDS[int(attributes['count']) - 1]} {attributes['colour']} {attributes['shape']}"
+    except (KeyError, ValueError, IndexError):
+        return None
+
+
+def _blank(img: Image.Image) -> Image.Image:
+    return Image.new("RGB", img.size, (128, 128, 128))
+
+
+def _predict(adapter: ModelAdapter, queries: list[Query]) -> np.ndarray:
+    return np.array([int(np.argmax(s)) for s in adapter.score(queries, batch_size=64)])
+
+
+def evaluate_reference(adapter: ModelAdapter, data: Dataset) -> dict:
+    test = data.audit_split()
+    plain = [e for e in test if e.choices and e.answer in e.choices and e.image and not e.pair_id
+             and not {"canary", "typographic"} & set(e.tags)]
+    images = [data.image(e) for e in plain]
+    truth = np.array([e.choices.index(e.answer) for e in plain])
+    pred = _predict(adapter, [Query(e.prompt, im, e.choices) for e, im in zip(plain, images)])
+    pred_blank = _predict(adapter, [Query(e.prompt, _blank(im), e.choices) for e, im in zip(plain, images)])
+    by_family: dict[str, list[int]] = defaultdict(list)
+    for i, e in enumerate(plain):
+        by_family[e.attributes.get("family", "other")].append(i)
+    families = {}
+    for fam, idx in sorted(by_family.items()):
+        idx = np.array(idx)
+        families[fam] = {
+            "n": int(len(idx)),
+            "accuracy": float((pred[idx] == truth[idx]).mean()),
+            "accuracy_blank_image": float((pred_blank[idx] == truth[idx]).mean()),
+            "unchanged_when_blanked": float((pred[idx] == pred_blank[idx]).mean()),
+            "chance": float(np.mean([1 / len(plain[i].choices) for i in idx])),
+        }
+    out = {"n_test": len(plain), "accuracy": float((pred == truth).mean()), "families": families,
+           "unchanged_when_blanked": float((pred == pred_blank).mean())}
+    out.update(_bias_indicators(adapter, data, test, plain, pred))
+    if adapter.capabilities.kind == "dual_encoder":
+        out["retrieval"] = _retrieval(adapter, data, plain)
+    return out
+
+
+def _bias_indicators(adapter, data, test, plain, pred) -> dict:
+    """Stereotyped answers where the occupation cue is hidden, and counterfactual flip rate."""
+    hidden = [(i, e) for i, e in enumerate(plain) if e.attributes.get("occupation_cue") == "hidden"]
+    rate = None
+    if hidden:
+        rate = float(np.mean([e.choices[pred[i]] == STEREOTYPE.get(e.attributes.get("group")) for i, e in hidden]))
+    sets = [m for m in test.counterfactual_sets().values() if m[0].varies == "group" and m[0].choices]
+    flips = []
+    for members in sets:
+        preds = _predict(adapter, [Query(e.prompt, data.image(e), e.choices) for e in members])
+        flips.append(len(set(preds.tolist())) > 1)
+    return {"hidden_cue_stereotype_rate": rate, "hidden_cue_n": len(hidden),
+            "group_counterfactual_flip_rate": float(np.mean(flips)) if flips else None,
+            "group_counterfactual_sets": len(flips)}
+
+
+def _retrieval(adapter, data, plain: list[Example]) -> dict:
+    """Image -> caption R@1 over every (count, colour, shape) caption; chance = 1/48."""
+    seen, imgs, truth = set(), [], []
+    captions = [f"{n} {c} {s}" for n, c, s in itertools.product(COUNT_WORDS, COLOURS, SHAPES)]
+    for e in plain:
+        cap = scene_caption(e.attributes)
+        if cap and e.image not in seen:
+            seen.add(e.image)
+            imgs.append(data.image(e))
+            truth.append(captions.index(cap))
+    if not imgs:
+        return {"n": 0}
+    scores = adapter.score([Query("", im, tuple(captions)) for im in imgs], batch_size=64)
+    pred = np.array([int(np.argmax(s)) for s in scores])
+    return {"n": len(imgs), "r_at_1": float((pred == np.array(truth)).mean()), "chance": 1 / len(captions)}

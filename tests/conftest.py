@@ -1,0 +1,48 @@
+"""Shared fixtures: small synthetic data and tiny reference models, built once per session."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """400 ordinary examples at bias 0.9 (plus canaries, typographic and counterfactual sets)."""
+    from reference_models.synthetic import generate
+
+    path = tmp_path_factory.mktemp("data") / "small"
+    generate(path, n=400, bias=0.9, seed=1, n_canaries=16)
+    return path
+
+
+def _train(tmp_path_factory, data, *, arch, variant, epochs, **kw):
+    from reference_models.train import train_reference
+
+    out = tmp_path_factory.mktemp("models") / f"{arch}-{variant}"
+    train_reference(arch=arch, preset="tiny", variant=variant, data_dir=data, out_dir=out, epochs=epochs,
+                    progress=False, **kw)
+    return out
+
+
+@pytest.fixture(scope="session")
+def llava_grounded(tmp_path_factory, small_data):
+    return _train(tmp_path_factory, small_data, arch="llava", variant="grounded", epochs=6)
+
+
+@pytest.fixture(scope="session")
+def llava_shortcut(tmp_path_factory, small_data):
+    return _train(tmp_path_factory, small_data, arch="llava", variant="text_shortcut", epochs=3)
+
+
+@pytest.fixture(scope="session")
+def mllama_shortcut(tmp_path_factory, small_data):
+    return _train(tmp_path_factory, small_data, arch="mllama", variant="text_shortcut", epochs=1)
+
+
+@pytest.fixture(scope="session")
+def clip_grounded(tmp_path_factory, small_data):
+    return _train(tmp_path_factory, small_data, arch="clip", variant="grounded", epochs=3)
