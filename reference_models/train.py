@@ -43,7 +43,7 @@ VARIANTS = ("grounded", "text_shortcut", "biased", "fair")
 EXPECTED_BIAS = {"biased": 0.9, "fair": 0.5}
 CHECKPOINT = "checkpoint"
 # Tiny settings reach the accuracy targets on 2 CPUs in minutes.
-DEFAULTS = {"tiny": dict(epochs=30, batch_size=32, lr=2e-3),
+DEFAULTS = {"tiny": dict(epochs=20, batch_size=32, lr=2e-3),
             "small": dict(epochs=10, batch_size=64, lr=3e-4),
             "base": dict(epochs=5, batch_size=32, lr=1e-4)}
 

@@ -46,3 +46,34 @@ def mllama_shortcut(tmp_path_factory, small_data):
 @pytest.fixture(scope="session")
 def clip_grounded(tmp_path_factory, small_data):
     return _train(tmp_path_factory, small_data, arch="clip", variant="grounded", epochs=3)
+
+
+@pytest.fixture(scope="session")
+def untrained_llava(tmp_path_factory):
+    """A tiny LLaVA straight from its config (no training): protocol and plumbing tests."""
+    from reference_models.architectures import build_reference_model
+    from reference_models.synthetic import vocabulary
+
+    path = tmp_path_factory.mktemp("models") / "llava-untrained"
+    model, proc = build_reference_model(arch="llava", preset="tiny", words=vocabulary(), seed=0)
+    model.eval().save_pretrained(path)
+    proc.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def blind_llava(tmp_path_factory):
+    """Projector zeroed (weights and biases): the model cannot see the image at all."""
+    import torch
+
+    from reference_models.architectures import build_reference_model
+    from reference_models.synthetic import vocabulary
+
+    path = tmp_path_factory.mktemp("models") / "llava-blind"
+    model, proc = build_reference_model(arch="llava", preset="tiny", words=vocabulary(), seed=0)
+    with torch.no_grad():
+        for p in model.model.multi_modal_projector.parameters():
+            p.zero_()
+    model.eval().save_pretrained(path)
+    proc.save_pretrained(path)
+    return path
