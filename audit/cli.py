@@ -107,7 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return int(getattr(commands, f"cmd_{args.command}")(args) or 0)
     except InputError as exc:
-        print(f"mmaudit: error: {exc}", file=sys.stderr)
+        # One line, always: multi-line library messages are folded.
+        print("mmaudit: error: " + " ".join(str(exc).split()), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mmaudit: interrupted; completed work is kept and a rerun resumes it", file=sys.stderr)

@@ -47,7 +47,9 @@ def load_run_config(path: str | Path) -> RunConfig:
     except OSError as exc:
         raise InputError(f"cannot read config ({exc.strerror})", where=str(p)) from exc
     except yaml.YAMLError as exc:
-        raise InputError(f"not valid YAML ({exc})", where=str(p)) from exc
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise InputError(f"not valid YAML{at} ({getattr(exc, 'problem', None) or 'unreadable'})", where=str(p)) from exc
     if not isinstance(raw, dict):
         raise InputError("the config must be a mapping of field: value", where=str(p))
     try:

@@ -126,9 +126,9 @@ def _generation_options(body: dict, *, limits: Limits) -> tuple[int, int, bool]:
     if not isinstance(logprobs, bool):
         raise BadRequest("'logprobs' must be a boolean")
     top = body.get("top_logprobs")
-    if top is not None and not logprobs:
+    top = 0 if top is None else _bounded_int(top, name="top_logprobs", low=0, high=limits.max_top_logprobs)
+    if top and not logprobs:
         raise BadRequest("'top_logprobs' needs 'logprobs': true")
-    top = _bounded_int(top or 0, name="top_logprobs", low=0, high=limits.max_top_logprobs)
     return max_tokens, top, logprobs
 
 
@@ -219,13 +219,14 @@ class _Batcher:
 
     def __init__(self, generate: Callable[..., list[dict]], limits: Limits) -> None:
         self.generate, self.limits = generate, limits
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.queue: asyncio.Queue | None = None
         self.task: asyncio.Task | None = None  # held so the task is not garbage-collected
 
     async def submit(self, request: ChatRequest) -> dict:
         loop = asyncio.get_running_loop()
-        if self.queue is None:
-            self.queue = asyncio.Queue()
+        if self.loop is not loop:  # queues and tasks belong to one event loop (an app may be served again)
+            self.loop, self.queue, self.task = loop, asyncio.Queue(), None
         if self.task is None or self.task.done():  # (re)start: a dead loop must not hang requests
             self.task = loop.create_task(self._loop())
         fut = loop.create_future()
