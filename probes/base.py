@@ -88,7 +88,15 @@ def register(cls: type[Probe]) -> type[Probe]:
 
 
 def _load_builtin() -> None:
-    import probes.modality_ablation  # noqa: F401  (registers itself)
+    """Import every module of the `probes` package once; each registers its probe."""
+    import importlib
+    import pkgutil
+
+    import probes
+
+    for mod in pkgutil.iter_modules(probes.__path__):
+        if not mod.name.startswith("_") and mod.name != "base":
+            importlib.import_module(f"probes.{mod.name}")
 
 
 def available() -> dict[str, type[Probe]]:
