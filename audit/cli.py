@@ -2,13 +2,18 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Sequence
 
 from audit.errors import InputError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "COMMAND_MODULES"]
+
+# Modules that add sub-commands through `add_commands(subparsers)`; each parser they add
+# sets `handler=` (a function taking the parsed args and returning an exit code).
+COMMAND_MODULES: tuple[str, ...] = ()
 
 
 def _probability(text: str) -> float:
@@ -95,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="synthetic data -> tiny reference model -> standard audit")
     demo.add_argument("--out", default="mmaudit-demo", metavar="DIR")
     demo.add_argument("--store", metavar="DB_PATH")
+    for name in COMMAND_MODULES:  # report, gate, dashboard, defend: each module adds its own
+        importlib.import_module(name).add_commands(sub)
     return p
 
 
@@ -103,9 +110,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        from audit import commands
+        handler = getattr(args, "handler", None)
+        if handler is None:
+            from audit import commands
 
-        return int(getattr(commands, f"cmd_{args.command}")(args) or 0)
+            handler = getattr(commands, f"cmd_{args.command}")
+        return int(handler(args) or 0)
     except InputError as exc:
         # One line, always: multi-line library messages are folded.
         print("mmaudit: error: " + " ".join(str(exc).split()), file=sys.stderr)

@@ -185,3 +185,24 @@ def test_every_reliance_measure_orders_grounded_above_shortcut(llava_grounded, l
     rows = p.run(load_adapter(llava_shortcut), _subset(small_data, p, 16), seed=0)
     curve = p.summarize(rows, seed=0)
     assert (curve[curve.metric == "image_layer_curve"].value.abs() < 1e-6).all()
+
+
+def test_attention_capture_equals_transformer_lens_hook_pattern(untrained_llava):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    a = load_adapter(untrained_llava)
+    enc = a.encode([Query("what colour are the shapes?", Image.new("RGB", (64, 64), (10, 200, 30)), ("red",))])
+    from transformers import AutoModelForImageTextToText
+
+    # the bridge rewires the model it wraps (eager attention, its own hook points): give it a copy
+    hf = AutoModelForImageTextToText.from_pretrained(untrained_llava).eval()
+    bridge = TransformerBridge.boot_transformers(str(untrained_llava), hf_model=hf, tokenizer=a.tokenizer, device="cpu")
+    names = [f"blocks.{i}.attn.hook_pattern" for i in range(a.n_layers)]
+    got = {}
+    with torch.no_grad():
+        _, cache = bridge.run_with_cache(enc.inputs["input_ids"], pixel_values=enc.inputs["pixel_values"],
+                                         attention_mask=enc.inputs["attention_mask"], names_filter=names)
+        with attention_plan(a, {i: LayerPlan(read=lambda l, w: got.__setitem__(l, w)) for i in range(a.n_layers)}):
+            a.forward(enc)
+    for i in range(a.n_layers):
+        torch.testing.assert_close(got[i], cache[f"blocks.{i}.attn.hook_pattern"].float(), rtol=0, atol=1e-5)
