@@ -88,8 +88,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _print_summary(summary: dict) -> None:
     for m in summary["metrics"]:
         if m["group"] is None:
-            ci = f" [{m['ci_low']:.3f}, {m['ci_high']:.3f}]" if m["ci_low"] is not None else ""
-            print(f"  {m['probe']:<22} {m['metric']:<28} {m['value']:.4f}{ci}  n={m['n']}")
+            ci = f" [{m['ci_low']:.3f}, {m['ci_high']:.3f}]" if m["ci_low"] is not None and m["ci_high"] is not None else ""
+            value = "n/a" if m["value"] is None else f"{m['value']:.4f}"
+            print(f"  {m['probe']:<22} {m['metric']:<28} {value}{ci}  n={m['n']}")
     for f in summary["findings"]:
         print(f"  [{f['severity']}] {f['probe']}: {f['message']}")
 

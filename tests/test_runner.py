@@ -124,3 +124,18 @@ def test_resume_after_sigkill_recomputes_only_missing_units(untrained_llava, sma
     a = json.loads((tmp_path / "straight" / "summary.json").read_text())
     b = json.loads((out / "summary.json").read_text())
     assert a["metrics"] == b["metrics"]
+
+
+@pytest.mark.parametrize("fixture", ["mllama_shortcut", "clip_grounded"])
+def test_standard_suite_on_other_reference_families(request, small_data, tmp_path, fixture):
+    from audit.runner import resolve_probes
+
+    model = request.getfixturevalue(fixture)
+    names, _ = resolve_probes(suite="standard", probes=None)
+    s = _run(model, small_data, tmp_path / "run", tmp_path / "s.duckdb", probes=names, max_examples=8)
+    assert (tmp_path / "run" / "results.parquet").is_file()
+    reliance = _metric(s, "modality_ablation", "image_reliance")
+    if fixture == "mllama_shortcut":  # gates fixed at 0: the image cannot matter
+        assert reliance["value"] == pytest.approx(0.0, abs=1e-6)
+    skipped = {f["probe"] for f in s["findings"] if f["message"].startswith("skipped")}
+    assert "attention" in skipped  # cross-attention / late fusion: said, not failed

@@ -416,3 +416,21 @@ def test_generation_failure_is_a_json_500():
             resp = c.post(CHAT, json=body(PROMPT))
             assert resp.status_code == 500 and resp.json()["error"]["type"] == "server_error"
         assert c.get("/health").status_code == 200
+
+
+def test_run_against_endpoint_writes_contract_outputs(url, small_data, tmp_path):
+    """`mmaudit run --endpoint`: output-only probes run, white-box ones are skipped with a reason."""
+    import json
+
+    from audit.cli import main
+
+    out = tmp_path / "run"
+    argv = ["run", "--endpoint", url, "--data", str(small_data), "--suite", "standard", "--out", str(out),
+            "--store", str(tmp_path / "s.duckdb"), "--max-examples", "6"]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["schema_version"] == 1 and summary["model"]["architecture"].startswith("endpoint:")
+    probes = {m["probe"] for m in summary["metrics"]}
+    assert {"modality_ablation", "hallucination"} <= probes
+    skipped = [f for f in summary["findings"] if f["probe"] == "attention"]
+    assert skipped and "white-box" in skipped[0]["message"]
