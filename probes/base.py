@@ -73,7 +73,7 @@ SUITES: dict[str, tuple[str, ...]] = {
     "standard": ("modality_ablation", "attention", "counterfactual_bias", "group_fairness",
                  "hallucination", "typographic_attack"),
     "full": ("modality_ablation", "attention", "attention_knockout", "mm_shap", "attribution",
-             "counterfactual_bias", "group_fairness", "retrieval_skew", "hallucination",
+             "activation_patching", "counterfactual_bias", "group_fairness", "retrieval_skew", "hallucination",
              "typographic_attack", "robustness", "privacy_audit"),
 }
 
