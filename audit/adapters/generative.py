@@ -24,6 +24,9 @@ __all__ = ["GenerativeAdapter", "Encoded", "FALLBACK_TEMPLATE"]
 # Used when a processor ships no chat template (documented in the README).
 FALLBACK_TEMPLATE = "USER: {image}{prompt} ASSISTANT:"
 NAN_MESSAGE = "the model returned NaN or infinite log-probabilities"
+MISMATCH_MESSAGE = "the prompt's image tokens do not match the image features the model computed"
+# Processor outputs that are never per-token, even when their shape happens to look like it.
+_IMAGE_KEYS = ("pixel_", "image_", "video_", "aspect_ratio", "batch_num_images")
 
 
 @dataclass
@@ -66,7 +69,18 @@ class GenerativeAdapter(ModelAdapter):
             return self.processor.apply_chat_template(
                 [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
             )
-        return FALLBACK_TEMPLATE.format(image=f"{self.image_token}\n" if has_image else "", prompt=prompt)
+        return FALLBACK_TEMPLATE.format(image=f"{self.image_placeholder}\n" if has_image else "", prompt=prompt)
+
+    @property
+    def image_placeholder(self) -> str:
+        """What the prompt text holds for one image before the processor expands it."""
+        # Gemma 3 writes <start_of_image> (its processor's image_token), not the soft token.
+        text = getattr(self.processor, "image_token", None) or self.image_token
+        start, end = (getattr(self.model.config, f"vision_{k}_token_id", None) for k in ("start", "end"))
+        if start is not None and end is not None:  # Qwen2-VL wraps each image
+            ids = self.tokenizer.convert_ids_to_tokens([int(start), int(end)])
+            text = f"{ids[0]}{text}{ids[1]}"
+        return text
 
     def continuation_ids(self, text: str) -> list[int]:
         ids = self.tokenizer(" " + text, add_special_tokens=False)["input_ids"]
@@ -91,7 +105,11 @@ class GenerativeAdapter(ModelAdapter):
             raise InputError("a batch mixes queries with and without images")
         kwargs = {}
         if present:
-            kwargs["images"] = [[im] for im in present] if self.sites.fusion == "cross_attention" else present
+            # One list per prompt: flat lists are read as one prompt's images by some processors (Gemma 3)
+            kwargs["images"] = [[im] for im in present]
+        # Templates that write BOS themselves (Llama 3, Gemma 3) must not get a second one.
+        bos = self.tokenizer.bos_token
+        kwargs["add_special_tokens"] = not (bos and all(t.startswith(bos) for t in texts))
         with self._padding(side):
             out = self.processor(text=texts, return_tensors="pt", padding=True, **kwargs)
         return dict(out)
@@ -104,7 +122,8 @@ class GenerativeAdapter(ModelAdapter):
         conts = [list(c) for c in continuations] if continuations is not None else [[] for _ in queries]
         total = max(n + len(c) for n, c in zip(lengths, conts))
         pad = self.tokenizer.pad_token_id or 0
-        seq_keys = [k for k, v in raw.items() if torch.is_tensor(v) and v.dim() >= 2 and v.shape[:2] == ids.shape]
+        seq_keys = [k for k, v in raw.items() if torch.is_tensor(v) and v.dim() >= 2 and v.shape[:2] == ids.shape
+                    and not k.startswith(_IMAGE_KEYS)]
         inputs = {k: v for k, v in raw.items() if k not in seq_keys}
         for key in seq_keys:
             v = raw[key]
@@ -113,7 +132,9 @@ class GenerativeAdapter(ModelAdapter):
                 ctx = v[r, :n]
                 if key == "input_ids":
                     ext = torch.tensor(c, dtype=v.dtype)
-                else:  # per-token side inputs (masks, token types) continue like the last context token
+                elif key.endswith("token_type_ids"):  # Gemma 3 / Qwen2-VL: a continuation is text (type 0)
+                    ext = torch.zeros((len(c), *ctx.shape[1:]), dtype=v.dtype)
+                else:  # masks (attention, Mllama's cross-attention) continue like the last context token
                     ext = ctx[-1:].expand(len(c), *ctx.shape[1:])
                 row = torch.cat([ctx, ext])
                 fill = pad if key == "input_ids" else 0
@@ -124,7 +145,20 @@ class GenerativeAdapter(ModelAdapter):
         return Encoded(inputs=inputs, context_lengths=lengths, continuations=conts)
 
     def forward(self, enc: Encoded, **kwargs):
-        return self.model(**enc.inputs, use_cache=False, **kwargs)
+        with self._mismatch_as_input_error():
+            return self.model(**enc.inputs, use_cache=False, **kwargs)
+
+    @contextlib.contextmanager
+    def _mismatch_as_input_error(self) -> Iterator[None]:
+        # HF raises a bare ValueError deep in the forward ("... tokens: 3, features: 4");
+        # it means the prompt was built or edited wrongly, which is the caller's input.
+        try:
+            yield
+        except ValueError as exc:
+            msg = str(exc).lower()
+            if isinstance(exc, InputError) or "token" not in msg or "feature" not in msg:
+                raise
+            raise InputError(f"{MISMATCH_MESSAGE} ({exc})", where=self.architecture) from exc
 
     # ------------------------------------------------------------------ scoring
     @staticmethod
@@ -178,10 +212,11 @@ class GenerativeAdapter(ModelAdapter):
         """Greedy generation with per-token log-probabilities and top-k alternatives."""
         raw = self._process([q.prompt for q in queries], [q.image for q in queries], side="left")
         raw = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in raw.items()}
-        out = self.model.generate(
-            **raw, max_new_tokens=max_new_tokens, do_sample=False, output_scores=True,
-            return_dict_in_generate=True, pad_token_id=self.tokenizer.pad_token_id,
-        )
+        with self._mismatch_as_input_error():
+            out = self.model.generate(
+                **raw, max_new_tokens=max_new_tokens, do_sample=False, output_scores=True,
+                return_dict_in_generate=True, pad_token_id=self.tokenizer.pad_token_id,
+            )
         start = raw["input_ids"].shape[1]
         eos = self.tokenizer.eos_token_id
         results = []
@@ -197,8 +232,11 @@ class GenerativeAdapter(ModelAdapter):
                     vals, ids = lp.topk(top_k)
                     top = [(self.tokenizer.decode([int(i)]).strip(), float(v)) for v, i in zip(vals, ids)]
                 tokens.append({"token": self.tokenizer.decode([tid]).strip(), "logprob": float(lp[tid]), "top": top})
-            text = " ".join(t["token"] for t in tokens) if self._word_level else self.tokenizer.decode(
-                out.sequences[r, start:start + len(tokens)], skip_special_tokens=True).strip()
+            if self._word_level:  # decode() would glue words together (reference_models/serve.py mirrors this)
+                text = " ".join(t["token"] for t in tokens)
+            else:
+                ids = out.sequences[r, start:start + len(tokens)]
+                text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
             results.append({"text": text, "tokens": tokens})
         return results
 
