@@ -13,10 +13,8 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import time
 import uuid
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -9,7 +9,6 @@ R = Â_L ⋯ Â_1; the rollout share is R's answer-position mass on image tokens
 """
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 import torch
 

@@ -142,7 +142,6 @@ def test_an_all_zero_attribution_path_is_caught(llava_grounded, small_data, monk
     import captum.attr
 
     def broken(self, inputs, baselines=None, **kw):  # what a path that drops pixel values returns
-        zeros = tuple(torch.zeros_like(layer(inputs)) for layer in ())
         return (torch.zeros(1, inputs[0].shape[1], 8), torch.zeros(1, 4)), torch.tensor([0.0])
 
     monkeypatch.setattr(captum.attr.LayerIntegratedGradients, "attribute", broken)
