@@ -161,53 +161,10 @@ def parse_request(body, *, limits: Limits) -> ChatRequest:
 
 # ---------------------------------------------------------------------- generation
 def generate_steps(adapter, queries: Sequence[Query], *, max_new_tokens: int, top_k: int) -> list[dict]:
-    """Greedy generation like `GenerativeAdapter.generate_detailed`, keeping the stop step.
-
-    An OpenAI server reports the end-of-sequence token with its log-probability (vLLM does);
-    `generate_detailed` drops it, so a model whose likeliest first token is EOS would leave
-    no first-position `top_logprobs` for the black-box adapter to score choices from.
-    """
-    import torch
-
-    raw = adapter._process([q.prompt for q in queries], [q.image for q in queries], side="left")
-    raw = {k: (v.to(adapter.device) if torch.is_tensor(v) else v) for k, v in raw.items()}
-    with torch.no_grad():
-        out = adapter.model.generate(
-            **raw, max_new_tokens=max_new_tokens, do_sample=False, output_scores=True,
-            return_dict_in_generate=True, pad_token_id=adapter.tokenizer.pad_token_id,
-        )
-    start = raw["input_ids"].shape[1]
-    prompt_lengths = [int(n) for n in raw["attention_mask"].sum(1)]
-    return [{**_row(adapter, out, r, start=start, top_k=top_k), "prompt_tokens": prompt_lengths[r]}
-            for r in range(len(queries))]
-
-
-def _row(adapter, out, r: int, *, start: int, top_k: int) -> dict:
-    import torch
-
-    tok = adapter.tokenizer
-    stops = {tok.eos_token_id, tok.pad_token_id}  # the same stop rule as generate_detailed
-    steps, ids, finish = [], [], "length"
-    for t, scores in enumerate(out.scores):
-        tid = int(out.sequences[r, start + t])
-        lp = torch.log_softmax(scores[r].float(), dim=-1)
-        top = []
-        if top_k:
-            vals, idx = lp.topk(min(top_k, lp.numel()))
-            top = [(tok.decode([int(i)]), float(v)) for v, i in zip(vals, idx)]
-        steps.append({"token": tok.decode([tid]), "logprob": float(lp[tid]), "top": top})
-        if tid in stops:
-            finish = "stop"
-            break
-        ids.append(tid)
-    return {"text": _text(adapter, ids), "tokens": steps, "finish_reason": finish}
-
-
-def _text(adapter, ids: list[int]) -> str:
-    # Word-level tokenizers decode without spaces; join words exactly as generate_detailed does.
-    if adapter._word_level:
-        return " ".join(adapter.tokenizer.decode([i]).strip() for i in ids)
-    return adapter.tokenizer.decode(ids, skip_special_tokens=True).strip()
+    """The adapter's greedy generation, stop step included: an OpenAI server reports the
+    end-of-sequence token with its log-probability (vLLM does), so a model whose likeliest
+    first token is EOS still gives the black-box adapter first-position `top_logprobs`."""
+    return adapter.generate_detailed(queries, max_new_tokens=max_new_tokens, top_k=top_k)
 
 
 class _Batcher:

@@ -5,12 +5,15 @@ code runs on a white-box Hugging Face model and on a black-box endpoint.
 """
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
+
+from audit.errors import UnsupportedError
 
 __all__ = ["Capabilities", "ModalitySpan", "ModelAdapter", "Query"]
 
@@ -66,6 +69,21 @@ class ModelAdapter(ABC):
 
     def generate(self, queries: Sequence[Query], *, max_new_tokens: int = 8) -> list[str]:
         raise NotImplementedError(f"{self.architecture} adapter cannot generate")
+
+    def site_module(self, site: str):
+        raise UnsupportedError(f"{self.architecture} exposes no hook sites (black box)", where=site)
+
+    @contextlib.contextmanager
+    def hooks(self, fns: Mapping[str, Callable]) -> Iterator[None]:
+        """Forward hooks at canonical sites; always removed, even when the body raises."""
+        handles = []
+        try:
+            for site, fn in fns.items():
+                handles.append(self.site_module(site).register_forward_hook(fn))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
     def describe(self) -> dict:
         return {"architecture": self.architecture, "kind": self.capabilities.kind,

@@ -7,8 +7,7 @@ manifest drives generative and dual-encoder audits. Scores are the model's own l
 """
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -88,14 +87,3 @@ class DualEncoderAdapter(ModelAdapter):
         except (AttributeError, IndexError, ValueError) as exc:
             raise UnsupportedError(f"no hook site {site!r} ({exc})", where=self.architecture) from exc
         raise UnsupportedError(f"unknown hook site {site!r} for a dual encoder", where=self.architecture)
-
-    @contextlib.contextmanager
-    def hooks(self, fns: Mapping[str, Callable]) -> Iterator[None]:
-        handles = []
-        try:
-            for site, fn in fns.items():
-                handles.append(self.site_module(site).register_forward_hook(fn))
-            yield
-        finally:
-            for h in handles:
-                h.remove()

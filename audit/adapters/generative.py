@@ -8,7 +8,7 @@ tokenizer would merge it with the prompt.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,7 +209,13 @@ class GenerativeAdapter(ModelAdapter):
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
     def generate_detailed(self, queries: Sequence[Query], *, max_new_tokens: int = 8, top_k: int = 0) -> list[dict]:
-        """Greedy generation with per-token log-probabilities and top-k alternatives."""
+        """Greedy generation with per-token log-probabilities and top-k alternatives.
+
+        Each row: `text` (the answer), `tokens` (every generated step, the stop token
+        included with its log-probability, as vLLM reports it), `finish_reason`
+        ("stop" | "length") and `prompt_tokens`. Token strings are raw decodes, so BPE
+        tokens keep their leading space as in OpenAI's API.
+        """
         raw = self._process([q.prompt for q in queries], [q.image for q in queries], side="left")
         raw = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in raw.items()}
         with self._mismatch_as_input_error():
@@ -218,27 +224,31 @@ class GenerativeAdapter(ModelAdapter):
                 return_dict_in_generate=True, pad_token_id=self.tokenizer.pad_token_id,
             )
         start = raw["input_ids"].shape[1]
-        eos = self.tokenizer.eos_token_id
+        stops = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
+        prompt_lengths = [int(n) for n in raw["attention_mask"].sum(1)]
         results = []
         for r in range(len(queries)):
-            tokens = []
-            for t, step in enumerate(out.scores):
+            steps, ids, finish = [], [], "length"
+            for t, scores in enumerate(out.scores):
                 tid = int(out.sequences[r, start + t])
-                if tid == eos or tid == self.tokenizer.pad_token_id:
-                    break
-                lp = torch.log_softmax(step[r].float(), dim=-1)
+                lp = torch.log_softmax(scores[r].float(), dim=-1)
                 top = []
                 if top_k:
-                    vals, ids = lp.topk(top_k)
-                    top = [(self.tokenizer.decode([int(i)]).strip(), float(v)) for v, i in zip(vals, ids)]
-                tokens.append({"token": self.tokenizer.decode([tid]).strip(), "logprob": float(lp[tid]), "top": top})
-            if self._word_level:  # decode() would glue words together (reference_models/serve.py mirrors this)
-                text = " ".join(t["token"] for t in tokens)
-            else:
-                ids = out.sequences[r, start:start + len(tokens)]
-                text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
-            results.append({"text": text, "tokens": tokens})
+                    vals, idx = lp.topk(min(top_k, lp.numel()))
+                    top = [(self.tokenizer.decode([int(i)]), float(v)) for v, i in zip(vals, idx)]
+                steps.append({"token": self.tokenizer.decode([tid]), "logprob": float(lp[tid]), "top": top})
+                if tid in stops:
+                    finish = "stop"
+                    break
+                ids.append(tid)
+            results.append({"text": self._decode(ids), "tokens": steps, "finish_reason": finish,
+                            "prompt_tokens": prompt_lengths[r]})
         return results
+
+    def _decode(self, ids: list[int]) -> str:
+        if self._word_level:  # decode() would glue the words of a word-level vocabulary together
+            return " ".join(self.tokenizer.decode([i]).strip() for i in ids)
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     @property
     def _word_level(self) -> bool:
@@ -288,18 +298,6 @@ class GenerativeAdapter(ModelAdapter):
         except (AttributeError, IndexError, ValueError) as exc:
             raise UnsupportedError(f"no hook site {site!r} on this model ({exc})", where=self.architecture) from exc
         raise UnsupportedError(f"unknown hook site {site!r}", where=self.architecture)
-
-    @contextlib.contextmanager
-    def hooks(self, fns: Mapping[str, Callable]) -> Iterator[None]:
-        """Forward hooks at canonical sites; always removed, even when the body raises."""
-        handles = []
-        try:
-            for site, fn in fns.items():
-                handles.append(self.site_module(site).register_forward_hook(fn))
-            yield
-        finally:
-            for h in handles:
-                h.remove()
 
     def describe(self) -> dict:
         d = super().describe()
