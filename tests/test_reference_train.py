@@ -110,3 +110,14 @@ def test_existing_output_is_refused(tmp_path, small_data):
 def test_variant_must_match_data_bias(tmp_path, small_data):
     with pytest.raises(InputError, match="expects data generated with --bias 0.5"):
         train_reference(arch="llava", preset="tiny", variant="fair", data_dir=small_data, out_dir=tmp_path / "m", epochs=1)
+
+
+def test_clip_with_the_real_minilm_text_tower(tmp_path):
+    """The pretrained text tower loads offline from site-packages and scores end to end."""
+    from audit.adapters.dual import DualEncoderAdapter
+
+    model, proc = build_reference_model(arch="clip", preset="tiny", words=vocabulary(), text_encoder="minilm")
+    assert model.text_model.config.hidden_size == 384
+    adapter = DualEncoderAdapter(model, proc, architecture="vision-text-dual-encoder")
+    scores = adapter.score([Query("", Image.new("RGB", (64, 64)), ("a photo of a nurse", "a photo of a doctor"))])[0]
+    assert np.isfinite(scores).all() and scores[0] != scores[1]

@@ -49,7 +49,7 @@ class DualEncoderAdapter(ModelAdapter):
         return f / f.norm(dim=-1, keepdim=True)
 
     def text_embeddings(self, texts: Sequence[str]) -> torch.Tensor:
-        kwargs = {"padding": "max_length", "truncation": True, "max_length": 64} if "siglip" in self.architecture else {"padding": True}
+        kwargs = {"padding": "max_length", "truncation": True, "max_length": 64} if "siglip" in self.architecture else {"padding": True, "truncation": True}
         tok = self.processor(text=list(texts), return_tensors="pt", **kwargs)
         tok = {k: v.to(self.device) for k, v in tok.items()}
         f = _features(self.model.get_text_features(**tok))
