@@ -1,0 +1,117 @@
+"""Assemble the report document from a run and write it as HTML, JSON or PDF."""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from audit.errors import InputError
+from audit.report import results, sections
+from audit.report.integrity import integrity_manifest
+from audit.report.load import load_bundle
+from audit.report.render import print_pdf, render_html, render_json
+
+__all__ = ["build_document", "build_report", "SECTION_IDS", "DOC_SCHEMA_VERSION"]
+
+DOC_SCHEMA_VERSION = 1
+SECTION_IDS = ("identity", "architecture", "data", "protocol", "fairness", "safety", "interpretability",
+               "mitigations", "privacy", "targets", "limitations", "manifest", "mapping")
+
+
+def _json_safe(obj):
+    """Strict-JSON copy: NaN/inf -> None, numpy scalars -> Python, tuples -> lists."""
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)
+
+
+def build_document(run_dir: str | Path, *, store: str | Path | None = None, baseline: str | Path | None = None,
+                   policy: str | Path | None = None) -> dict:
+    """The report as plain data: what the JSON format writes and the HTML renders."""
+    b = load_bundle(run_dir, store=store, baseline=baseline, policy=policy)
+    integ = integrity_manifest(b.summary, b.run_dir)
+    secs = [sections.identity(b), sections.architecture(b), sections.data(b), sections.protocol(b),
+            results.fairness(b), results.safety(b), results.interpretability(b), results.mitigations(b),
+            results.privacy(b)]
+    target_sec, target_results = results.targets(b)
+    secs += [target_sec, sections.limitations(b), sections.manifest(b, integ)]
+    titles = {s["id"]: s["title"] for s in secs}
+    secs.append(sections.mapping(titles))
+    for i, sec in enumerate(secs, start=1):
+        sec["number"] = i
+    s = b.summary
+    sev = Counter(str(f.get("severity")) for f in s.get("findings") or [])
+    name = (b.policy.system.name if b.policy and b.policy.system and b.policy.system.name
+            else Path(str((s.get("model") or {}).get("path", "model"))).name)
+    verdict = None
+    if b.policy is not None:
+        verdict = "fail" if any(r["status"] == "fail" for r in target_results) else "pass"
+    doc = {
+        "schema_version": DOC_SCHEMA_VERSION,
+        "kind": "mmaudit-report",
+        "title": f"Audit report: {name}",
+        "generated": integ["generated"],
+        "run_id": s.get("run_id"),
+        "run": {k: s.get(k) for k in ("run_id", "created", "model", "data", "config", "environment", "parent_run_id")},
+        "overview": {"findings": f"{sev.get('fail', 0)} fail, {sev.get('warning', 0)} warning, {sev.get('info', 0)} info",
+                     "targets_verdict": verdict,
+                     "sections": {x["id"]: x["status"] for x in secs}},
+        "metrics": s.get("metrics") or [],
+        "findings": s.get("findings") or [],
+        "targets": target_results,
+        "integrity": integ,
+        "sections": secs,
+    }
+    return _json_safe(doc)
+
+
+def _write_atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a report is an ordinary file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def build_report(run_dir: str | Path, fmt: str = "html", *, out: str | Path | None = None,
+                 store: str | Path | None = None, baseline: str | Path | None = None,
+                 policy: str | Path | None = None) -> Path:
+    """Write RUN_DIR/report.<fmt> (or `out`) and return its path."""
+    if fmt not in ("html", "pdf", "json"):
+        raise InputError(f"unknown format {fmt!r}; choose html, pdf or json", where="--format")
+    run_dir = Path(run_dir)
+    target = Path(out) if out else run_dir / f"report.{fmt}"
+    if not target.parent.is_dir():
+        raise InputError("the folder for the report does not exist", where=str(target.parent))
+    if fmt == "pdf":  # fail before the work when Chromium is missing
+        from audit.report.render import ERR_NO_CHROMIUM, find_chromium
+
+        if find_chromium() is None:
+            raise InputError(ERR_NO_CHROMIUM, where="--format pdf")
+    doc = build_document(run_dir, store=store, baseline=baseline, policy=policy)
+    if fmt == "json":
+        _write_atomic(target, lambda p: p.write_text(render_json(doc), encoding="utf-8"))
+    elif fmt == "html":
+        _write_atomic(target, lambda p: p.write_text(render_html(doc), encoding="utf-8"))
+    else:
+        with tempfile.TemporaryDirectory(prefix="mmaudit-report-") as tmp:
+            page = Path(tmp) / "report.html"
+            page.write_text(render_html(doc), encoding="utf-8")
+            _write_atomic(target, lambda p: print_pdf(page, p))
+    return target

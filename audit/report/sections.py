@@ -1,0 +1,307 @@
+"""Descriptive sections: identity, architecture, data, protocol, limitations, mapping, manifest.
+
+The result sections (fairness, safety, interpretability, mitigations, privacy, targets) live
+in `results.py`. Each function takes the RunBundle and returns one section dict.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+
+from audit.report import regulation
+from audit.report.blocks import (
+    CATEGORY_FALLBACK,
+    bullets,
+    kv,
+    metric_table,
+    note,
+    section,
+    table,
+    text,
+)
+from audit.report.load import RunBundle
+
+__all__ = ["identity", "architecture", "data", "protocol", "limitations", "mapping", "manifest", "category_of",
+           "missing_note", "SENSITIVE_FALLBACK"]
+
+SENSITIVE_FALLBACK = ("group", "gender", "gender_word", "sex", "race", "race_ethnicity", "ethnicity", "religion",
+                      "age", "age_group", "nationality", "disability", "skin_tone")
+FULL_SUITE = ("modality_ablation", "attention", "attention_knockout", "mm_shap", "attribution", "activation_patching",
+              "counterfactual_bias", "group_fairness", "retrieval_skew", "hallucination", "typographic_attack",
+              "robustness", "privacy_audit")
+SUB_CONFIG_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                   "intermediate_size", "vocab_size", "image_size", "patch_size", "max_position_embeddings")
+
+
+def category_of(b: RunBundle, probe: str) -> str:
+    return (b.infos.get(probe) or {}).get("category") or CATEGORY_FALLBACK.get(probe, "other")
+
+
+def missing_note(b: RunBundle, category: str, expected: tuple[str, ...]) -> dict:
+    skipped = b.skipped()
+    reasons = [f"{p}: {m}" for p in expected for m in skipped.get(p, [])]
+    msg = (f"No {category} probe produced results in this run (expected one of: {', '.join(expected)}). "
+           "This section has no evidence; run them with `mmaudit run --probes ...`.")
+    if reasons:
+        msg += " Recorded reasons: " + " | ".join(reasons)
+    return note(msg, "missing")
+
+
+# --------------------------------------------------------------------------- identity
+def identity(b: RunBundle) -> dict:
+    s, sysinfo = b.summary, (b.policy.system if b.policy and b.policy.system else None)
+    model = s.get("model") or {}
+    name = (sysinfo.name if sysinfo and sysinfo.name else None) or Path(str(model.get("path", "model"))).name
+    items = [("system", name), ("version", sysinfo.version if sysinfo else None),
+             ("provider", sysinfo.provider if sysinfo else None), ("contact", sysinfo.contact if sysinfo else None),
+             ("intended use", sysinfo.intended_use if sysinfo else None),
+             ("intended users", sysinfo.intended_users if sysinfo else None),
+             ("out of scope", sysinfo.out_of_scope if sysinfo else None),
+             ("run id", s.get("run_id")), ("audited on", s.get("created")),
+             ("model path", model.get("path")), ("model sha256", model.get("sha256"))]
+    blocks = [kv([(k, v if v is not None else "not declared") for k, v in items])]
+    notes = []
+    if not (sysinfo and sysinfo.intended_use):
+        notes.append("intended use not declared")
+        blocks.append(note("The intended use is not declared. Add `system: {name, provider, intended_use, "
+                           "out_of_scope}` to the policy file given with --policy; the audit run cannot know it.",
+                           "warning"))
+    sev = Counter(str(f.get("severity")) for f in s.get("findings") or [])
+    blocks.append(text(f"Findings of this run: {sev.get('fail', 0)} fail, {sev.get('warning', 0)} warning, "
+                       f"{sev.get('info', 0)} info (listed under Limitations)."))
+    return section("identity", "System identity and intended use", blocks,
+                   status="partial" if notes else "complete", notes=notes)
+
+
+# ----------------------------------------------------------------------- architecture
+def _param_count(files: list[Path]) -> int | None:
+    total = 0
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                if n > 100_000_000:
+                    return None
+                header = json.loads(fh.read(n))
+        except (OSError, ValueError, struct.error):
+            return None
+        for k, v in header.items():
+            if k != "__metadata__" and isinstance(v, dict):
+                count = 1
+                for d in v.get("shape", []):
+                    count *= int(d)
+                total += count
+    return total
+
+
+def architecture(b: RunBundle) -> dict:
+    model = b.summary.get("model") or {}
+    items = [("architecture (adapter)", model.get("architecture")), ("model folder", model.get("path"))]
+    blocks, notes = [], []
+    cfg = b.model_json("config.json")
+    if cfg is None:
+        notes.append("model folder not available")
+        blocks.append(note("The model folder is not available here, so only the recorded identity is shown.",
+                           "warning"))
+    else:
+        items += [("model_type", cfg.get("model_type")), ("classes", ", ".join(map(str, cfg.get("architectures") or []))),
+                  ("dtype", cfg.get("dtype") or cfg.get("torch_dtype"))]
+        weights = sorted(b.model_dir.glob("*.safetensors"))
+        if weights:
+            n_params = _param_count(weights)
+            mib = sum(w.stat().st_size for w in weights) / 2**20
+            items += [("weight files", f"{len(weights)} safetensors, {mib:.1f} MiB"),
+                      ("parameters", f"{n_params:,}" if n_params else None)]
+        rows = []
+        for key, sub in sorted(cfg.items()):
+            if key.endswith("_config") and isinstance(sub, dict):
+                rows.append([key.removesuffix("_config"), *(sub.get(k) for k in SUB_CONFIG_KEYS)])
+        if rows:
+            blocks.append(table(["component", *SUB_CONFIG_KEYS], rows, "Components (from config.json)"))
+        for k in ("vision_feature_layer", "image_token_index", "image_token_id", "projector_hidden_act"):
+            if k in cfg:
+                items.append((k, json.dumps(cfg[k])))
+    record = b.model_json("defense.json")
+    if record:
+        items.append(("produced by defense", f"{record.get('method')} from {(record.get('source') or {}).get('model')}"))
+    blocks.insert(0, kv(items))
+    return section("architecture", "Architecture and components", blocks,
+                   status="partial" if notes else "complete", notes=notes)
+
+
+# ------------------------------------------------------------------------------- data
+def _sensitive_names() -> tuple[str, ...]:
+    try:
+        from probes.group_fairness import SENSITIVE_ATTRIBUTES
+        return tuple(SENSITIVE_ATTRIBUTES)
+    except Exception:  # noqa: BLE001
+        return SENSITIVE_FALLBACK
+
+
+def _bias_tables(records: list[dict], sensitive: tuple[str, ...]) -> list[dict]:
+    """Answer shares per value of each sensitive attribute, per closed choice set."""
+    out = []
+    frame = pd.DataFrame([{"choices": " / ".join(r["choices"]), "answer": r.get("answer"), **{
+        f"attr:{k}": str(v) for k, v in (r.get("attributes") or {}).items() if k in sensitive}}
+        for r in records if isinstance(r.get("choices"), list) and r.get("answer") is not None
+        and all(isinstance(c, str) for c in r["choices"])])
+    if frame.empty:
+        return out
+    for col in sorted(c for c in frame.columns if c.startswith("attr:")):
+        part = frame.dropna(subset=[col])
+        for choices, g in sorted(part.groupby("choices"), key=lambda kv_: -len(kv_[1]))[:2]:
+            if g[col].nunique() < 2 or len(g) < 10:
+                continue
+            tab = pd.crosstab(g[col], g["answer"], normalize="index")
+            counts = g[col].value_counts()
+            rows = [[v, int(counts[v]), *(float(tab.loc[v, a]) for a in tab.columns)] for v in tab.index]
+            spread = float((tab.max() - tab.min()).max())
+            out.append(table([col[5:], "n", *(f"P(answer={a})" for a in tab.columns)], rows,
+                             f"Answer shares by {col[5:]} for questions with choices {choices} "
+                             f"(largest gap between values: {spread:.0%})"))
+    return out
+
+
+def data(b: RunBundle) -> dict:
+    d = b.summary.get("data") or {}
+    items = [("data folder", d.get("path")), ("sha256 (manifest + images)", d.get("sha256")),
+             ("examples in the audited split", d.get("n"))]
+    blocks, notes = [], []
+    records = list(b.manifest().values())
+    if not records:
+        notes.append("data folder not available")
+        blocks.append(kv(items))
+        blocks.append(note("The data folder (manifest.jsonl) is not available here: the data examination below "
+                           "cannot be shown. Keep the data folder next to the run to include it.", "warning"))
+        return section("data", "Data governance and bias examination", blocks, status="partial", notes=notes)
+    splits = Counter(str(r.get("split") or "none") for r in records)
+    tags = Counter(t for r in records for t in (r.get("tags") or []) if isinstance(t, str))
+    sets = {r.get("pair_id") for r in records if r.get("pair_id")}
+    items += [("examples in the manifest", len(records)),
+              ("splits", ", ".join(f"{k}: {v}" for k, v in sorted(splits.items()))),
+              ("tags", ", ".join(f"{k}: {v}" for k, v in sorted(tags.items())) or "none"),
+              ("counterfactual sets (pair_id)", len(sets)),
+              ("audited split", "test (the audit uses the test split when the manifest has one)" if "test" in splits
+               else "all examples")]
+    blocks.append(kv(items))
+    sensitive = _sensitive_names()
+    attrs = Counter(k for r in records for k in (r.get("attributes") or {}))
+    rows = []
+    for k, n in sorted(attrs.items()):
+        values = Counter(str(r["attributes"][k]) for r in records if k in (r.get("attributes") or {}))
+        if len(values) <= 20:
+            shown = ", ".join(f"{v}: {c}" for v, c in values.most_common(8)) + (" ..." if len(values) > 8 else "")
+            rows.append([k, "yes" if k in sensitive else "", n, len(values), shown])
+    blocks.append(table(["attribute", "sensitive", "examples with it", "distinct values", "counts"], rows,
+                        "Attributes in the manifest (attributes with more than 20 values omitted)"))
+    bias = _bias_tables(records, sensitive)
+    if bias:
+        blocks.append(text("Bias examination of the data itself (Art. 10(2)(f)): how the reference answers are "
+                           "distributed over each sensitive attribute. A large gap means the data can teach the "
+                           "model the attribute as a shortcut."))
+        blocks += bias
+    else:
+        blocks.append(note("No sensitive attribute occurs on closed-choice questions, so the answer distribution "
+                           "per group cannot be examined.", "info"))
+    card = Path(d["path"]) / "datacard.json" if isinstance(d.get("path"), str) else None
+    if card is not None and card.is_file():
+        try:
+            obj = json.loads(card.read_text(encoding="utf-8"))
+            flat = [(k, json.dumps(v)[:200]) for k, v in obj.items()] if isinstance(obj, dict) else []
+            blocks.append(kv(flat[:30], "datacard.json"))
+        except (ValueError, OSError):
+            pass
+    return section("data", "Data governance and bias examination", blocks)
+
+
+# --------------------------------------------------------------------------- protocol
+def protocol(b: RunBundle) -> dict:
+    s = b.summary
+    cfg, env = s.get("config") or {}, s.get("environment") or {}
+    items = [("seed", cfg.get("seed")), ("suite", cfg.get("suite")), ("probes requested", ", ".join(b.requested_probes())),
+             ("max examples per probe", cfg.get("max_examples")), ("batch size", cfg.get("batch_size")),
+             ("device", env.get("device") or cfg.get("device"))]
+    items += [(f"version: {k}", v) for k, v in sorted(env.items()) if k != "device"]
+    items.append(("confidence intervals", "95% percentile bootstrap over examples or counterfactual sets "
+                  "(1000 resamples, seeded from the run seed) unless the probe's description says otherwise; "
+                  "p-values from seeded permutation tests"))
+    blocks = [kv(items)]
+    ran = b.probes_with_metrics()
+    rows = []
+    for p in list(dict.fromkeys(b.requested_probes() + sorted(ran))):
+        info = b.infos.get(p, {})
+        m = b.metrics[b.metrics.probe == p]
+        rows.append([p, category_of(b, p), info.get("description", "(no metadata)"), info.get("citation", ""),
+                     ", ".join(sorted(m.metric.unique())) or "none",
+                     int(m.n.max()) if len(m) and m.n.notna().any() else None,
+                     "ran" if p in ran else "; ".join(b.skipped().get(p, ["no results"]))])
+    blocks.append(table(["probe", "category", "definition", "citation", "metrics reported", "max n", "status"], rows,
+                        "Probes: what each measures and where the method comes from"))
+    overall = b.metrics[b.metrics.group.isna()]
+    blocks.append(metric_table(overall, "Headline metrics (overall rows; grouped rows are in the result sections)"))
+    notes = [f"{p} did not run" for p in b.requested_probes() if p not in ran]
+    return section("protocol", "Evaluation protocol", blocks, status="partial" if notes else "complete", notes=notes)
+
+
+# ------------------------------------------------------------------------ limitations
+def limitations(b: RunBundle) -> dict:
+    items = []
+    if b.policy and b.policy.system:
+        items += [f"Declared by the provider: {x}" for x in b.policy.system.limitations]
+    for f in b.summary.get("findings") or []:
+        if f.get("severity") in ("fail", "warning"):
+            items.append(f"[{f.get('severity')}] {f.get('probe')}: {f.get('message')}")
+    ran = b.probes_with_metrics()
+    not_run = [p for p in FULL_SUITE if p not in ran]
+    if not_run:
+        items.append("Not examined in this run: " + ", ".join(not_run) + ".")
+    small = b.metrics[(b.metrics.n < 30) & b.metrics.n.notna()]
+    if len(small):
+        items.append(f"{len(small)} metric row(s) rest on fewer than 30 examples or sets; their intervals are wide "
+                     "and comparisons involving them are unreliable.")
+    undefined = int(b.metrics.value.isna().sum())
+    if undefined:
+        items.append(f"{undefined} metric row(s) are undefined (e.g. a ratio with a zero denominator).")
+    data_dir = b.data_dir
+    if data_dir is not None and (data_dir / "datacard.json").is_file():
+        items.append("The data folder carries a generator datacard (synthetic data): results describe behaviour on "
+                     "these scenes and do not transfer to real-world inputs.")
+    if "attention" in ran:
+        items.append("Attention weights show where the model looks, not why it answers; they are not a faithful "
+                     "explanation on their own (Jain & Wallace 2019).")
+    items.append("Intervals reflect sampling error over the audited examples only, not shifts in the input "
+                 "distribution after deployment.")
+    items += b.notes
+    return section("limitations", "Limitations", [bullets(items)])
+
+
+# --------------------------------------------------------------------------- mapping
+def mapping(titles: dict[str, str]) -> dict:
+    cols, rows = regulation.mapping_table(titles)
+    gcols, grows = regulation.reference_glossary()
+    blocks = [text("Where each section's evidence belongs. This mapping locates documentation; it is not a legal "
+                   "assessment of compliance."), table(cols, rows, "Report sections and the duties they document"),
+              table(gcols, grows, "References")]
+    sec = section("mapping", "Regulatory and documentation mapping", blocks)
+    sec["references"] = {}
+    return sec
+
+
+# --------------------------------------------------------------------------- manifest
+def manifest(b: RunBundle, integrity: dict) -> dict:
+    items = [("report generated", integrity["generated"]), ("run created", integrity["run_created"]),
+             ("recorded model sha256", integrity["recorded"]["model_sha256"]), ("model", integrity["model_check"]),
+             ("recorded data sha256", integrity["recorded"]["data_sha256"]), ("data", integrity["data_check"])]
+    rows = [[f["kind"], f["file"], f["bytes"], f["sha256"]] for f in integrity["files"]]
+    changed = any("CHANGED" in str(v) for _, v in items)
+    blocks = [kv(items), table(["kind", "file", "bytes", "sha256"], rows, "SHA-256 of the files behind this report",
+                               limit=2000)]
+    if changed:
+        blocks.insert(1, note("The model or data changed after the audit: this report no longer describes them.",
+                              "warning"))
+    return section("manifest", "Integrity manifest (SHA-256)", blocks, status="partial" if changed else "complete",
+                   notes=["model or data changed"] if changed else [])
