@@ -1,4 +1,4 @@
-"""`mmaudit demo`: synthetic data -> tiny reference model -> standard audit, end to end.
+"""`mmaudit demo`: synthetic data -> tiny reference model -> standard audit -> report.
 
 Every stage is skipped when its output already exists (or resumed when interrupted), so
 running the demo twice costs seconds the second time.
@@ -35,7 +35,12 @@ def run_demo(*, out: Path, store: str | None = None, epochs: int | None = None, 
         spec = RunSpec(model=str(model_dir), data=str(data_dir), probes=names, out=str(run_dir), seed=0,
                        suite="standard", store=store, max_examples=max_examples)
         run_audit(spec, adapter=load_adapter(model_dir), data=data, skipped_names=skipped)
+    from audit.report import build_report
+
+    report = build_report(run_dir, "html", store=store)
     runs = Store(store).runs()
-    print(f"\ndone: {run_dir / 'summary.json'} and results.parquet; {len(runs)} run(s) in {store}")
-    print(f"list the stored runs with:  mmaudit runs --store {store}")
+    print(f"\ndone: {run_dir / 'summary.json'}, results.parquet and the report {report}; {len(runs)} run(s) in {store}")
+    print(f"open the report:     {report}")
+    print(f"open the dashboard:  mmaudit dashboard --store {store}   (then browse http://127.0.0.1:8501)")
+    print(f"list the runs:       mmaudit runs --store {store}")
     return 0

@@ -14,7 +14,8 @@ def test_demo_end_to_end_and_rerun_is_cheap(tmp_path, capsys):
     assert {"modality_ablation", "attention", "hallucination"} <= probes
     assert len(Store(tmp_path / "store.duckdb").runs()) == 1
     out = capsys.readouterr().out
-    assert "mmaudit runs --store" in out
+    assert "mmaudit runs --store" in out and "mmaudit dashboard --store" in out
+    assert (tmp_path / "run-standard" / "report.html").is_file()
     # a second call finds every stage done and records nothing new
     assert run_demo(out=tmp_path, epochs=1, max_examples=8) == 0
     assert len(Store(tmp_path / "store.duckdb").runs()) == 1
