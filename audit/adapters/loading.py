@@ -37,6 +37,9 @@ def load_adapter(model: str | Path, *, device: str | None = "cpu", dtype=None, t
         model_type = json.loads(cfg_path.read_text())["model_type"]
     except (json.JSONDecodeError, KeyError) as exc:
         raise InputError(f"config.json is unreadable or has no model_type ({exc})", where=str(cfg_path)) from exc
+    if model_type not in GENERATIVE_FAMILIES and model_type not in DUAL_FAMILIES:
+        known = ", ".join(sorted([*GENERATIVE_FAMILIES, *DUAL_FAMILIES]))
+        raise UnsupportedError(f"unsupported architecture {model_type!r}; supported: {known}", where=str(cfg_path))
     if not any(path.glob("*.safetensors")):
         # Never fall back to pickled .bin weights: unpickling runs arbitrary code.
         raise InputError("no safetensors weights found (pickled .bin weights are refused)", where=str(path))
@@ -54,14 +57,11 @@ def load_adapter(model: str | Path, *, device: str | None = "cpu", dtype=None, t
         net = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa", **kwargs)
         adapter = GenerativeAdapter(net.to(device), processor, architecture=model_type,
                                     sites=GENERATIVE_FAMILIES[model_type], device=device)
-    elif model_type in DUAL_FAMILIES:
+    else:
         from audit.adapters.dual import DualEncoderAdapter
 
         net = AutoModel.from_pretrained(path, **kwargs)
         adapter = DualEncoderAdapter(net.to(device), processor, architecture=model_type, device=device)
-    else:
-        known = ", ".join(sorted([*GENERATIVE_FAMILIES, *DUAL_FAMILIES]))
-        raise UnsupportedError(f"unsupported architecture {model_type!r}; supported: {known}", where=str(cfg_path))
     return adapter
 
 
