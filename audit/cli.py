@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from audit.argtypes import positive_int, probability
 from audit.errors import InputError
 
 __all__ = ["main", "build_parser", "COMMAND_MODULES"]
@@ -14,26 +15,6 @@ __all__ = ["main", "build_parser", "COMMAND_MODULES"]
 # Modules that add sub-commands through `add_commands(subparsers)`; each parser they add
 # sets `handler=` (a function taking the parsed args and returning an exit code).
 COMMAND_MODULES: tuple[str, ...] = ("audit.publish_cli", "defenses.cli")
-
-
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,8 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     rsub = ref.add_subparsers(dest="reference_command", required=True, metavar="SUBCOMMAND")
     d = rsub.add_parser("data", help="generate the synthetic vision-language dataset")
     d.add_argument("--out", required=True, metavar="DATA_DIR")
-    d.add_argument("--n", type=_positive_int, default=2000, help="ordinary examples (default 2000)")
-    d.add_argument("--bias", type=_probability, default=0.5, help="P(occupation | group) (default 0.5)")
+    d.add_argument("--n", type=positive_int, default=2000, help="ordinary examples (default 2000)")
+    d.add_argument("--bias", type=probability, default=0.5, help="P(occupation | group) (default 0.5)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--image-size", type=int, default=64)
     d.add_argument("--overwrite", action="store_true", help="replace an existing DATA_DIR")
@@ -63,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--text-encoder", default="scratch", choices=TEXT_ENCODERS,
                    help="clip only: 'minilm' uses the pretrained all-MiniLM-L6-v2 text tower")
-    t.add_argument("--epochs", type=_positive_int)
-    t.add_argument("--batch-size", type=_positive_int)
+    t.add_argument("--epochs", type=positive_int)
+    t.add_argument("--batch-size", type=positive_int)
     t.add_argument("--lr", type=float)
     t.add_argument("--overwrite", action="store_true", help="replace an existing MODEL_DIR")
 
@@ -73,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    s.add_argument("--max-batch", type=_positive_int, default=16)
+    s.add_argument("--max-batch", type=positive_int, default=16)
 
     r = sub.add_parser("run", help="audit a model with a suite or a list of probes")
     src = r.add_mutually_exclusive_group(required=False)
@@ -90,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", metavar="CONFIG.yaml", help="YAML file that replaces the flags above")
     r.add_argument("--on-error", choices=("stop", "skip"), default="stop",
                    help="bad manifest lines: stop (default) or skip them")
-    r.add_argument("--batch-size", type=_positive_int, default=16)
-    r.add_argument("--max-examples", type=_positive_int, help="audit at most this many examples per probe")
+    r.add_argument("--batch-size", type=positive_int, default=16)
+    r.add_argument("--max-examples", type=positive_int, help="audit at most this many examples per probe")
     r.add_argument("--yes", action="store_true", help="do not pause on the cost estimate")
 
     ls = sub.add_parser("runs", help="list stored runs")

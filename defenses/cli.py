@@ -2,34 +2,15 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
+
+from audit.argtypes import positive_float, positive_int
 
 __all__ = ["add_commands", "cmd_defend_debias", "cmd_defend_dp"]
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _probability(text: str) -> float:
-    value = _positive_float(text)
+    value = positive_float(text)
     if value >= 1:
         raise argparse.ArgumentTypeError(f"must be below 1, got {text}")
     return value
@@ -51,7 +32,7 @@ def add_commands(sub) -> None:
                                      "MODEL_DIR2 (merged weights, processor, dp_accountant.json, defense.json).")
     dp.add_argument("--model", required=True, metavar="MODEL_DIR")
     dp.add_argument("--data", required=True, metavar="DATA_DIR")
-    dp.add_argument("--target-epsilon", required=True, type=_positive_float, metavar="E",
+    dp.add_argument("--target-epsilon", required=True, type=positive_float, metavar="E",
                     help="privacy budget ε the whole run may spend")
     dp.add_argument("--out", required=True, metavar="MODEL_DIR2")
     dp.add_argument("--delta", type=_probability, help="δ (default 1/(10 N), N = training records; must be < 1/N)")
@@ -61,13 +42,13 @@ def add_commands(sub) -> None:
     dp.add_argument("--grad-sample-mode", choices=GRAD_SAMPLE_MODES, default="ghost",
                     help="ghost: ghost clipping, two backward passes, no per-sample gradients (default); "
                          "hooks: per-sample gradients, one backward pass (faster for small LoRA)")
-    dp.add_argument("--epochs", type=_positive_int, default=3)
-    dp.add_argument("--batch-size", type=_positive_int, default=32, help="expected logical batch (Poisson)")
-    dp.add_argument("--physical-batch-size", type=_positive_int, default=16,
+    dp.add_argument("--epochs", type=positive_int, default=3)
+    dp.add_argument("--batch-size", type=positive_int, default=32, help="expected logical batch (Poisson)")
+    dp.add_argument("--physical-batch-size", type=positive_int, default=16,
                     help="largest batch in memory (BatchMemoryManager)")
-    dp.add_argument("--lr", type=_positive_float, help="learning rate (default 5e-3 lora, 1e-3 full)")
-    dp.add_argument("--max-grad-norm", type=_positive_float, default=1.0, help="per-example clipping norm C")
-    dp.add_argument("--lora-r", type=_positive_int, default=8)
+    dp.add_argument("--lr", type=positive_float, help="learning rate (default 5e-3 lora, 1e-3 full)")
+    dp.add_argument("--max-grad-norm", type=positive_float, default=1.0, help="per-example clipping norm C")
+    dp.add_argument("--lora-r", type=positive_int, default=8)
     dp.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     dp.add_argument("--seed", type=int, default=0)
     dp.add_argument("--overwrite", action="store_true", help="replace an existing MODEL_DIR2")
@@ -80,12 +61,12 @@ def add_commands(sub) -> None:
     db.add_argument("--model", required=True, metavar="MODEL_DIR")
     db.add_argument("--data", required=True, metavar="DATA_DIR")
     db.add_argument("--out", required=True, metavar="MODEL_DIR2")
-    db.add_argument("--epochs", type=_positive_int, default=3)
-    db.add_argument("--batch-size", type=_positive_int, default=32)
-    db.add_argument("--lr", type=_positive_float, help="learning rate of cda/clp fine-tuning (default 5e-4)")
-    db.add_argument("--clp-weight", type=_positive_float, default=1.0, help="λ of the logit-pairing term (clp)")
+    db.add_argument("--epochs", type=positive_int, default=3)
+    db.add_argument("--batch-size", type=positive_int, default=32)
+    db.add_argument("--lr", type=positive_float, help="learning rate of cda/clp fine-tuning (default 5e-4)")
+    db.add_argument("--clp-weight", type=positive_float, default=1.0, help="λ of the logit-pairing term (clp)")
     db.add_argument("--attribute", default="group", help="protected attribute for the residual adversary")
-    db.add_argument("--residual-directions", type=_positive_int, default=16,
+    db.add_argument("--residual-directions", type=positive_int, default=16,
                     help="residual: most directions removed from the image embedding")
     db.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     db.add_argument("--seed", type=int, default=0)
