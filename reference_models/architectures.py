@@ -159,7 +159,6 @@ def _build_clip_minilm(p: Preset, words: list[str]):
     tok = AutoTokenizer.from_pretrained(path)
     vision = CLIPVisionModel(_vision_config(p))
     model = VisionTextDualEncoderModel(vision_model=vision, text_model=text)
-    model.config.projection_dim = p.projection_dim
     proc = VisionTextDualEncoderProcessor(image_processor=_clip_image_processor(p), tokenizer=tok)
     return model, proc
 

@@ -121,3 +121,7 @@ def test_clip_with_the_real_minilm_text_tower(tmp_path):
     adapter = DualEncoderAdapter(model, proc, architecture="vision-text-dual-encoder")
     scores = adapter.score([Query("", Image.new("RGB", (64, 64)), ("a photo of a nurse", "a photo of a doctor"))])[0]
     assert np.isfinite(scores).all() and scores[0] != scores[1]
+    model.save_pretrained(tmp_path)
+    proc.save_pretrained(tmp_path)
+    again = load_adapter(tmp_path).score([Query("", Image.new("RGB", (64, 64)), ("a photo of a nurse", "a photo of a doctor"))])[0]
+    np.testing.assert_allclose(again, scores, atol=1e-5)
