@@ -12,7 +12,7 @@ import os
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from types import MappingProxyType
@@ -255,6 +255,10 @@ class Dataset:
             and not drop.intersection(ex.tags)
             and (predicate is None or predicate(ex)))
         return Dataset(self._shared, kept)
+
+    def subset(self, examples: Iterable[Example]) -> Dataset:
+        """These examples, in the order given, sharing this dataset's folder, cache and hash."""
+        return Dataset(self._shared, tuple(examples))
 
     def audit_split(self) -> Dataset:
         """The test split when there is one, else everything (CONTRACT: audits use test)."""

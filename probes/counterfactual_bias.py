@@ -214,7 +214,7 @@ def _value(ex: Example, attr: str, pair_id: str) -> str:
 
 def _ordered(data: Dataset, examples) -> Dataset:
     # Dataset has no public way to reorder; the shared state is reused unchanged.
-    return Dataset(data._shared, tuple(examples))  # noqa: SLF001
+    return data.subset(examples)
 
 
 def _log_choice_probs(scores: np.ndarray) -> np.ndarray:

@@ -109,7 +109,7 @@ class GroupFairness(Probe):
             predicate=lambda e: e.image is not None and e.choices is not None and len(e.choices) >= 2
             and e.answer in e.choices and bool(self._sensitive(e)),
             exclude_tags=("canary",))
-        return Dataset(kept._shared, tuple(sorted(kept, key=lambda e: e.id)))  # noqa: SLF001
+        return kept.subset(sorted(kept, key=lambda e: e.id))
 
     def run(self, adapter: ModelAdapter, data: Dataset, *, seed: int) -> pd.DataFrame:
         examples = list(data)

@@ -71,7 +71,7 @@ class Hallucination(Probe):
         kept = data.select(tags=("pope",), exclude_tags=("canary",),
                            predicate=lambda e: e.image is not None and _yes_no(e) is not None
                            and (e.answer or "").strip().lower() in ("yes", "no"))
-        return Dataset(kept._shared, tuple(sorted(kept, key=lambda e: e.id)))  # noqa: SLF001
+        return kept.subset(sorted(kept, key=lambda e: e.id))
 
     def run(self, adapter: ModelAdapter, data: Dataset, *, seed: int) -> pd.DataFrame:
         examples = list(data)

@@ -103,7 +103,7 @@ class RetrievalSkew(Probe):
                 continue  # text counterfactuals (one shared image) say nothing about image retrieval
             attr = self._set_attr[pair_id] = _set_attribute(pair_id, members)
             ordered += sorted(members, key=lambda m: (_value(m, attr, pair_id), m.id))
-        selected = Dataset(base._shared, tuple(ordered))  # noqa: SLF001
+        selected = base.subset(ordered)
         self._selected_queries = self._queries_for(selected)
         return selected
 

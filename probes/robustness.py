@@ -165,7 +165,7 @@ class Robustness(Probe):
     def select(self, data: Dataset) -> Dataset:
         kept = data.select(predicate=lambda e: e.image is not None and e.choices is not None and len(e.choices) >= 2,
                            exclude_tags=("canary",))
-        return Dataset(kept._shared, tuple(sorted(kept, key=lambda e: e.id)))  # noqa: SLF001
+        return kept.subset(sorted(kept, key=lambda e: e.id))
 
     def run(self, adapter: ModelAdapter, data: Dataset, *, seed: int) -> pd.DataFrame:
         examples = list(data)

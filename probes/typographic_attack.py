@@ -54,7 +54,7 @@ class TypographicAttack(Probe):
         for e in kept:
             if not str(e.attributes.get("written_text") or "").strip():
                 raise InputError(ERR_NO_TEXT.format(id=e.id), where=f"manifest line {e.line}")
-        return Dataset(kept._shared, tuple(sorted(kept, key=lambda e: e.id)))  # noqa: SLF001
+        return kept.subset(sorted(kept, key=lambda e: e.id))
 
     @staticmethod
     def _attackable(e: Example) -> bool:
