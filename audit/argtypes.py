@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["probability", "positive_int", "positive_float"]
+__all__ = ["probability", "positive_int", "positive_float", "seed"]
 
 
 def _number(text: str, kind):
@@ -32,4 +32,12 @@ def positive_float(text: str) -> float:
     value = _number(text, float)
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def seed(text: str) -> int:
+    """A seed in [0, 2**32 - 1] (numpy's generators refuse negative seeds)."""
+    value = _number(text, int)
+    if not 0 <= value <= 2**32 - 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 4294967295, got {value}")
     return value

@@ -5,7 +5,9 @@ import argparse
 import importlib
 import os
 import sys
+import traceback
 from collections.abc import Sequence
+from pathlib import Path
 
 from audit.argtypes import positive_int, probability
 from audit.errors import InputError
@@ -14,7 +16,7 @@ __all__ = ["main", "build_parser", "COMMAND_MODULES"]
 
 # Modules that add sub-commands through `add_commands(subparsers)`; each parser they add
 # sets `handler=` (a function taking the parsed args and returning an exit code).
-COMMAND_MODULES: tuple[str, ...] = ("audit.publish_cli", "defenses.cli")
+COMMAND_MODULES: tuple[str, ...] = ("audit.run_cli", "audit.publish_cli", "defenses.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="mmaudit", description="Audit vision-language models: modality reliance, "
                                 "attention, bias, hallucination, robustness and privacy.")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks of internal errors")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     ref = sub.add_parser("reference", help="synthetic data and reference models with known properties")
@@ -56,25 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     s.add_argument("--max-batch", type=positive_int, default=16)
 
-    r = sub.add_parser("run", help="audit a model with a suite or a list of probes")
-    src = r.add_mutually_exclusive_group(required=False)
-    src.add_argument("--model", metavar="MODEL_DIR")
-    src.add_argument("--endpoint", metavar="URL")
-    r.add_argument("--data", metavar="DATA_DIR")
-    which = r.add_mutually_exclusive_group(required=False)
-    which.add_argument("--suite", choices=("quick", "standard", "full"))
-    which.add_argument("--probes", metavar="NAME[,NAME...]")
-    r.add_argument("--out", metavar="RUN_DIR")
-    r.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--store", metavar="DB_PATH", help="DuckDB store (default ~/.mmaudit/store.duckdb)")
-    r.add_argument("--config", metavar="CONFIG.yaml", help="YAML file that replaces the flags above")
-    r.add_argument("--on-error", choices=("stop", "skip"), default="stop",
-                   help="bad manifest lines: stop (default) or skip them")
-    r.add_argument("--batch-size", type=positive_int, default=16)
-    r.add_argument("--max-examples", type=positive_int, help="audit at most this many examples per probe")
-    r.add_argument("--yes", action="store_true", help="do not pause on the cost estimate")
-
     ls = sub.add_parser("runs", help="list stored runs")
     ls.add_argument("--store", metavar="DB_PATH")
 
@@ -104,3 +88,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mmaudit: interrupted; completed work is kept and a rerun resumes it", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - the one place that turns a bug into a readable line
+        if args.debug:
+            raise
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        print(f"mmaudit: internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]} "
+              f"(at {Path(where.filename).name}:{where.lineno}). Completed work is kept. Rerun with --debug "
+              f"for the traceback and report it with that output.", file=sys.stderr)
+        return 1

@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from audit.errors import InputError
 
-__all__ = ["RunConfig", "load_run_config"]
+__all__ = ["RunConfig", "load_run_config", "MAX_SEED"]
+
+MAX_SEED = 2**32 - 1
 
 
 class RunConfig(BaseModel):
@@ -20,21 +22,23 @@ class RunConfig(BaseModel):
 
     model: str | None = None
     endpoint: str | None = None
-    data: str
+    data: str | None = None
     suite: Literal["quick", "standard", "full"] | None = None
     probes: list[str] | None = None
-    out: str
+    out: str | None = None
     device: Literal["cpu", "cuda", "auto"] = "cpu"
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     store: str | None = None
     on_error: Literal["stop", "skip"] = "stop"
-    batch_size: int = 16
-    max_examples: int | None = None
+    batch_size: int = Field(default=16, ge=1)
+    max_examples: int | None = Field(default=None, ge=1)
+    parent: str | None = None
+    yes: bool = False
 
     @model_validator(mode="after")
     def _one_source(self) -> "RunConfig":
-        if (self.model is None) == (self.endpoint is None):
-            raise ValueError("give exactly one of 'model' or 'endpoint'")
+        if self.model is not None and self.endpoint is not None:
+            raise ValueError("give 'model' or 'endpoint', not both")
         if self.suite and self.probes:
             raise ValueError("give 'suite' or 'probes', not both")
         return self
@@ -43,9 +47,11 @@ class RunConfig(BaseModel):
 def load_run_config(path: str | Path) -> RunConfig:
     p = Path(path)
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
     except OSError as exc:
         raise InputError(f"cannot read config ({exc.strerror})", where=str(p)) from exc
+    except UnicodeDecodeError as exc:
+        raise InputError(f"not a text file (byte {exc.start} is not UTF-8)", where=str(p)) from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""

@@ -15,14 +15,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from types import MappingProxyType
 from typing import Any
 
 from PIL import Image
 
 from audit.errors import InputError
 
-__all__ = ["Example", "Dataset", "SPLITS", "IMAGE_EXTENSIONS"]
+__all__ = ["Example", "Dataset", "FrozenAttributes", "SPLITS", "IMAGE_EXTENSIONS"]
 
 MANIFEST = "manifest.jsonl"
 SPLITS = ("train", "val", "test")
@@ -60,6 +59,33 @@ ERR_IMAGE_BAD = "image {path} (example {id!r}) is truncated or corrupt ({detail}
 _PIL_GUARD_LOCK = threading.Lock()
 
 
+class FrozenAttributes(Mapping):
+    """A read-only, picklable mapping (examples travel to other processes inside work units)."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping[str, Any] | None = None) -> None:
+        object.__setattr__(self, "_data", dict(data or {}))
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"FrozenAttributes({self._data!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Mapping) and dict(self.items()) == dict(other.items())
+
+    def __reduce__(self):
+        return (FrozenAttributes, (self._data,))
+
+
 @dataclass(frozen=True)
 class Example:
     """One manifest line. `attributes` is read-only; `line` is its 1-based manifest line."""
@@ -69,8 +95,7 @@ class Example:
     image: str | None = None
     answer: str | None = None
     choices: tuple[str, ...] | None = None
-    attributes: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}),
-                                          hash=False)
+    attributes: Mapping[str, Any] = field(default_factory=FrozenAttributes, hash=False)
     pair_id: str | None = None
     varies: str | None = None
     tags: tuple[str, ...] = ()
@@ -140,7 +165,7 @@ def _parse(obj: Any, line: int, root: Path) -> Example:
     image = _check_image_path(obj["image"], root) if obj.get("image") is not None else None
     return Example(id=obj["id"], prompt=obj["prompt"], image=image, answer=obj.get("answer"),
                    choices=tuple(choices) if choices is not None else None,
-                   attributes=MappingProxyType(dict(attributes or {})),
+                   attributes=FrozenAttributes(attributes),
                    pair_id=obj.get("pair_id"), varies=obj.get("varies"),
                    tags=tuple(tags or ()), split=obj.get("split"), line=line)
 
@@ -157,6 +182,12 @@ class _Shared:
         self.cache: OrderedDict[str, Image.Image] = OrderedDict()
         self.lock = threading.Lock()
         self.sha256: str | None = None
+
+
+# Per-process shared state of dataset views (work units rebuilt in another process), so
+# every unit of a run that reads one folder shares one image cache.
+_VIEWS: dict[tuple[str, int], _Shared] = {}
+_VIEWS_LOCK = threading.Lock()
 
 
 class Dataset:
@@ -255,6 +286,22 @@ class Dataset:
             and not drop.intersection(ex.tags)
             and (predicate is None or predicate(ex)))
         return Dataset(self._shared, kept)
+
+    @classmethod
+    def view(cls, root: str | os.PathLike, examples: Iterable[Example], *,
+             max_image_pixels: int = 4096 * 4096) -> Dataset:
+        """Already-validated examples of the folder `root` (a work unit in any process).
+        Views of one folder share an image cache; they have no manifest hash."""
+        key = (str(Path(root).absolute()), int(max_image_pixels))
+        with _VIEWS_LOCK:
+            shared = _VIEWS.get(key)
+            if shared is None:
+                shared = _VIEWS[key] = _Shared(Path(key[0]), b"", [], max_image_pixels)
+        return cls(shared, tuple(examples))
+
+    @property
+    def max_image_pixels(self) -> int:
+        return self._shared.max_image_pixels
 
     def subset(self, examples: Iterable[Example]) -> Dataset:
         """These examples, in the order given, sharing this dataset's folder, cache and hash."""

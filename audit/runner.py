@@ -1,9 +1,15 @@
-"""Run probes over a dataset in resumable work units and write RUN_DIR as CONTRACT.md says.
+"""Run probes over a dataset in resumable work units and write RUN_DIR (docs/format.md).
 
-RUN_DIR/units/<probe>/<k>.parquet holds each finished unit (written atomically), so a run
-killed at any point and started again with the same command recomputes only the units
-that are missing, and ends with the same numbers as an uninterrupted run (every unit's
-randomness derives from (seed, probe, unit index), never from wall-clock or order).
+Every probe first `plan`s self-contained units; an executor (`audit.executors`: in this
+process, or on a Ray cluster) runs them and hands each result back here, where — and only
+here — unit files are written (`RUN_DIR/units/<probe>/<k>.parquet`, atomically). A run
+killed at any point and started again with the same command recomputes only the missing
+units, under either executor, and ends with the same numbers as an uninterrupted run:
+every unit's randomness derives from (seed, probe, unit index), never from time or order.
+
+A unit that raises (not bad input, which stops the run with exit 2) is recorded as a
+"fail" finding naming the unit and its error; the other units and probes finish, and the
+probe with a failed unit gets no metrics (a partial sample would mislead).
 """
 from __future__ import annotations
 
@@ -12,29 +18,34 @@ import hashlib
 import json
 import os
 import platform
-import subprocess
+import signal
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-from tqdm.auto import tqdm
 
 from audit import __version__
 from audit.adapters.base import ModelAdapter
 from audit.dataset import Dataset
 from audit.errors import InputError
+from audit.executors import LocalExecutor, Task
+from audit.schema import METRIC_COLUMNS, ROW_COLUMNS, SCHEMA_VERSION, metric_records, metrics_frame, upgrade_rows
 from audit.store import Store
-from probes.base import METRIC_COLUMNS, ROW_COLUMNS, SUITES, available, get_probe
+from probes.base import Plan, get_probe
 
-__all__ = ["RunSpec", "resolve_probes", "run_audit", "model_fingerprint"]
+__all__ = ["RunSpec", "RunResult", "run_audit", "unit_seed", "write_atomic", "FAULT_ENV"]
 
-SCHEMA_VERSION = 1
+# Fault injection for the resume tests: SIGKILL this process after this many units were written.
+FAULT_ENV = "MMAUDIT_TEST_KILL_AFTER_UNITS"
 
 
 @dataclass
 class RunSpec:
+    """What `mmaudit run` was asked to do (recorded in summary.json's `config`)."""
+
     model: str
     data: str
     probes: list[str]
@@ -46,134 +57,185 @@ class RunSpec:
     suite: str | None = None
     store: str | None = None
     parent_run_id: str | None = None
+    model_info: dict = field(default_factory=dict)  # identity, dtype, device map, revision, ...
     extra: dict = field(default_factory=dict)
 
     def config(self) -> dict:
-        return {"probes": self.probes, "suite": self.suite, "seed": self.seed, "device": self.device,
+        return {"probes": list(self.probes), "suite": self.suite, "seed": self.seed, "device": self.device,
                 "batch_size": self.batch_size, "max_examples": self.max_examples, **self.extra}
 
-
-def resolve_probes(*, suite: str | None, probes: str | None) -> tuple[list[str], list[str]]:
-    """(probe names to run, names of the suite not available in this version)."""
-    registry = available()
-    if probes:
-        names = [p.strip() for p in probes.split(",") if p.strip()]
-        unknown = [p for p in names if p not in registry]
-        if unknown:
-            raise InputError(f"unknown probe(s) {', '.join(unknown)}; available: {', '.join(sorted(registry))}",
-                             where="--probes")
-        return names, []
-    names = list(SUITES[suite or "standard"])
-    return [p for p in names if p in registry], [p for p in names if p not in registry]
+    def probe_options(self) -> dict:
+        return {"batch_size": self.batch_size}
 
 
-def model_fingerprint(model: str) -> str:
-    """SHA-256 over config and weight files of a model folder (the URL for an endpoint)."""
-    path = Path(model)
-    if not path.is_dir():
-        return hashlib.sha256(model.encode()).hexdigest()
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors", ".jinja")):
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
+@dataclass
+class RunResult:
+    summary: dict
+    failed_units: list[str]
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed_units else 0
 
 
-def _git_revision(path: str) -> str | None:
+def unit_seed(seed: int, probe: str, k: int) -> int:
+    return int(hashlib.sha256(f"{seed}:{probe}:{k}".encode()).hexdigest()[:8], 16)
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write next to `path` and rename over it: a reader sees the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        out = subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
-def _environment(device: str, model: str) -> dict:
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _open_run(out: Path, identity: dict, log) -> tuple[str, str]:
+    """(run_id, created) of a new run in `out`, or of the unfinished run found there."""
+    state_file = out / "run_state.json"
+    if state_file.is_file():
+        try:
+            state = json.loads(state_file.read_text())
+            if not isinstance(state, dict):
+                raise ValueError("not an object")
+        except (ValueError, OSError):
+            state = None  # an unreadable state (a full disk mid-write): start the run again
+        if state is not None:
+            if {k: state.get(k) for k in identity} != identity:
+                changed = [k for k in identity if state.get(k) != identity[k]]
+                raise InputError(f"holds a run with another {', '.join(changed)}; choose a new --out, "
+                                 "or delete the folder to start again", where=str(out))
+            log(f"resuming run {state['run_id']} in {out}")
+            return state["run_id"], state["created"]
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError("output folder exists and is not an unfinished run of this command", where=str(out))
+    out.mkdir(parents=True, exist_ok=True)
+    run_id, created = uuid.uuid4().hex[:12], _now()
+    write_atomic(state_file, lambda p: p.write_text(json.dumps({**identity, "run_id": run_id, "created": created},
+                                                               indent=1)))
+    return run_id, created
+
+
+def _environment(device: str) -> dict:
     import torch
     import transformers
 
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "mmaudit": __version__, "device": device,
-            "platform": platform.platform(), "model_git_revision": _git_revision(model) if Path(model).is_dir() else None}
+            "platform": platform.platform()}
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+def _read_unit(path: Path) -> pd.DataFrame | None:
+    """A finished unit's rows, or None when the file is unreadable (recomputed, not trusted)."""
+    try:
+        return upgrade_rows(pd.read_parquet(path), SCHEMA_VERSION)
+    except Exception:  # noqa: BLE001 - pyarrow raises many types for a truncated file
+        return None
 
 
-def _unit_seed(seed: int, probe: str, k: int) -> int:
-    return int(hashlib.sha256(f"{seed}:{probe}:{k}".encode()).hexdigest()[:8], 16)
+def run_audit(spec: RunSpec, *, adapter: ModelAdapter, data: Dataset, executor=None, progress: bool = True,
+              log=print, pre_findings: list[dict] | None = None, confirm=None) -> RunResult:
+    """Plan, run what is missing, summarise, write RUN_DIR and record the run.
 
-
-def run_audit(spec: RunSpec, *, adapter: ModelAdapter, data: Dataset, skipped_names: list[str] = (),
-              progress: bool = True, log=print) -> dict:
+    `confirm(estimate) -> bool` is asked before any unit runs (False stops with nothing lost).
+    """
     out = Path(spec.out)
-    model_sha = model_fingerprint(spec.model)
-    identity = {"model_sha256": model_sha, "data_sha256": data.sha256, "config": spec.config()}
-    state_file = out / "run_state.json"
-    if state_file.is_file():
-        state = json.loads(state_file.read_text())
-        if {k: state.get(k) for k in identity} != identity:
-            raise InputError("holds a run with another model, data or configuration; choose a new --out", where=str(out))
-        run_id, created = state["run_id"], state["created"]
-        log(f"resuming run {run_id} in {out}")
-    else:
-        if out.exists() and any(out.iterdir()):
-            raise InputError("output folder exists and is not an unfinished run of this command", where=str(out))
-        out.mkdir(parents=True, exist_ok=True)
-        run_id = uuid.uuid4().hex[:12]
-        created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        state_file.write_text(json.dumps({**identity, "run_id": run_id, "created": created}, indent=1))
+    model_id = spec.model_info.get("identity") or hashlib.sha256(str(spec.model).encode()).hexdigest()
+    identity = {"model_identity": model_id, "data_sha256": data.sha256, "config": spec.config()}
+    run_id, created = _open_run(out, identity, log)
 
-    findings = [{"probe": n, "severity": "info", "message": f"{n} is part of the suite but not available in mmaudit {__version__}"}
-                for n in skipped_names]
-    plans = []
+    findings = list(pre_findings or [])
+    plans: list[tuple[object, Plan]] = []
+    probe_info: dict[str, dict] = {}
     for name in spec.probes:
-        probe = get_probe(name)
-        problems = probe.check(adapter)
-        if problems:
-            findings += [{"probe": name, "severity": "warning", "message": f"skipped: {p}"} for p in problems]
+        probe = get_probe(name, **spec.probe_options())
+        plan = probe.plan(adapter, data, max_examples=spec.max_examples)
+        findings += list(plan.findings)
+        if plan.skipped:
+            findings += [{"probe": name, "severity": "warning", "message": f"skipped: {p}"} for p in plan.skipped]
+            probe_info[name] = {"status": "skipped", "examples": 0, "units": 0}
             continue
-        subset = probe.select(data)
-        if spec.max_examples:
-            subset = subset[: spec.max_examples]
-        if len(subset) == 0:
-            findings.append({"probe": name, "severity": "warning", "message": "skipped: no example in the data fits this probe"})
+        if not plan.units:
+            findings.append({"probe": name, "severity": "warning",
+                             "message": "skipped: no example in the data fits this probe"})
+            probe_info[name] = {"status": "skipped", "examples": 0, "units": 0}
             continue
-        ids = [e.id for e in subset]
-        units = [ids[i:i + probe.unit_size] for i in range(0, len(ids), probe.unit_size)]
-        plans.append((probe, subset, units))
+        probe_info[name] = {"status": "ok", "examples": plan.n_examples, "selected": plan.n_selected,
+                            "units": len(plan.units), "declared_forward_passes": round(plan.cost, 1)}
+        if plan.n_selected is not None and plan.n_selected > plan.n_examples:
+            findings.append({"probe": name, "severity": "info",
+                             "message": f"audited {plan.n_examples} of the {plan.n_selected} examples that fit "
+                                        f"(--max-examples {spec.max_examples})"})
+        plans.append((probe, plan))
 
-    passes = sum(p.info.cost_per_example * len(s) for p, s, _ in plans)
-    log(f"plan: {len(plans)} probe(s), {sum(len(s) for _, s, _ in plans)} example-probes, "
-        f"~{passes:.0f} forward passes on {spec.device}{_time_estimate(adapter, data, passes)}")
+    tasks, done_rows = [], {}
+    for probe, plan in plans:
+        unit_dir = out / "units" / probe.name
+        unit_dir.mkdir(parents=True, exist_ok=True)
+        for unit in plan.units:
+            path = unit_dir / f"{unit.index:05d}.parquet"
+            rows = _read_unit(path) if path.is_file() else None
+            if rows is not None:
+                done_rows[(probe.name, unit.index)] = rows
+            else:
+                tasks.append(Task(probe=probe.name, options=spec.probe_options(), unit=unit,
+                                  seed=unit_seed(spec.seed, probe.name, unit.index)))
+    from audit.estimate import estimate
+
+    est = estimate(adapter, tasks, batch_size=spec.batch_size)
+    log(f"plan: {len(plans)} probe(s), {sum(p.n_examples for _, p in plans)} example-probes, "
+        f"{len(tasks)} of {sum(len(p.units) for _, p in plans)} units to run: {est.text}")
+    if confirm is not None and not confirm(est):
+        raise KeyboardInterrupt
+
+    failed: list[str] = []
+    kill_after = int(os.environ.get(FAULT_ENV, "0") or 0)
+    written = {"n": 0}
+
+    def on_result(task: Task, rows: pd.DataFrame | None, error: BaseException | None) -> None:
+        name, k = task.probe, task.unit.index
+        if error is not None:
+            if isinstance(error, InputError):
+                raise error
+            msg = " ".join(f"{type(error).__name__}: {error}".split())[:500]
+            failed.append(f"{name} unit {k}")
+            findings.append({"probe": name, "severity": "fail",
+                             "message": f"unit {k} ({len(task.unit.examples)} examples, first "
+                                        f"{task.unit.ids[0]!r}) failed: {msg}; the probe has no metrics"})
+            probe_info[name]["status"] = "failed"
+            return
+        rows = rows.reindex(columns=ROW_COLUMNS)
+        path = out / "units" / name / f"{k:05d}.parquet"
+        write_atomic(path, lambda p: rows.to_parquet(p, index=False))
+        done_rows[(name, k)] = rows
+        written["n"] += 1
+        if kill_after and written["n"] >= kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    executor = executor or LocalExecutor(adapter)
+    t0 = time.perf_counter()
+    executor.run(tasks, on_result=on_result, progress=progress)
+    elapsed = time.perf_counter() - t0
 
     all_rows, all_metrics = [], []
-    total_units = sum(len(u) for _, _, u in plans)
-    bar = tqdm(total=total_units, desc="audit", unit="unit", disable=not progress, mininterval=1.0)
-    for probe, subset, units in plans:
-        name = probe.info.name
-        unit_dir = out / "units" / name
-        unit_dir.mkdir(parents=True, exist_ok=True)
-        frames = []
-        for k, ids in enumerate(units):
-            path = unit_dir / f"{k:05d}.parquet"
-            if not path.is_file():
-                chunk = subset.select(predicate=lambda e, keep=frozenset(ids): e.id in keep)
-                rows = probe.run(adapter, chunk, seed=_unit_seed(spec.seed, name, k))
-                rows = rows.reindex(columns=ROW_COLUMNS)
-                _write_atomic(path, lambda p, r=rows: r.to_parquet(p, index=False))
-            frames.append(pd.read_parquet(path))
-            bar.update(1)
-        rows = pd.concat(frames, ignore_index=True)
-        metrics = probe.summarize(rows, seed=spec.seed).reindex(columns=METRIC_COLUMNS)
-        findings += getattr(probe, "findings", lambda m: [])(metrics)
+    for probe, plan in plans:
+        if probe_info[probe.name]["status"] == "failed":
+            continue
+        frames = [done_rows[(probe.name, u.index)] for u in plan.units]
+        rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=ROW_COLUMNS)
+        metrics = metrics_frame(probe.summarize(rows, seed=spec.seed).to_dict(orient="records"))
+        findings += probe.findings(metrics)
         all_rows.append(rows)
         all_metrics.append(metrics)
-    bar.close()
 
     rows = pd.concat(all_rows, ignore_index=True) if all_rows else pd.DataFrame(columns=ROW_COLUMNS)
     metrics = pd.concat(all_metrics, ignore_index=True) if all_metrics else pd.DataFrame(columns=METRIC_COLUMNS)
@@ -181,46 +243,22 @@ def run_audit(spec: RunSpec, *, adapter: ModelAdapter, data: Dataset, skipped_na
         "schema_version": SCHEMA_VERSION,
         "run_id": run_id,
         "created": created,
-        "model": {"path": str(spec.model), "architecture": adapter.architecture, "sha256": model_sha},
+        "model": {"path": str(spec.model), "architecture": adapter.architecture, "sha256": model_id,
+                  **spec.model_info},
         "data": {"path": str(data.path), "sha256": data.sha256, "n": len(data)},
         "config": spec.config(),
-        "environment": _environment(adapter.device, spec.model),
-        "metrics": [_clean(m) for m in metrics.to_dict(orient="records")],
+        "environment": _environment(adapter.device),
+        "probes": probe_info,
+        "metrics": metric_records(metrics),
         "findings": findings,
+        "timing": {"audit_seconds": round(elapsed, 2), "units_run": len(tasks)},
     }
     if spec.parent_run_id:
         summary["parent_run_id"] = spec.parent_run_id
-    _write_atomic(out / "results.parquet", lambda p: rows.to_parquet(p, index=False))
-    _write_atomic(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=1, allow_nan=False)))
+    artifacts = [{"probe": None, "name": "results.parquet", "kind": "rows", "path": "results.parquet"},
+                 {"probe": None, "name": "summary.json", "kind": "summary", "path": "summary.json"}]
+    summary["artifacts"] = artifacts
+    write_atomic(out / "results.parquet", lambda p: rows.to_parquet(p, index=False))
+    write_atomic(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=1, allow_nan=False)))
     Store(spec.store).record_run(summary, rows, run_dir=str(out.resolve()), parent_run_id=spec.parent_run_id)
-    return summary
-
-
-def _clean(m: dict) -> dict:
-    """JSON-safe metric row: NaN becomes null, numpy scalars become Python numbers."""
-    out = {}
-    for k, v in m.items():
-        if v is None or (isinstance(v, float) and v != v):
-            out[k] = None
-        elif k == "n":
-            out[k] = int(v)
-        elif isinstance(v, (int, float)) or hasattr(v, "item"):
-            out[k] = float(v)
-        else:
-            out[k] = v
-    return out
-
-
-def _time_estimate(adapter: ModelAdapter, data: Dataset, passes: float) -> str:
-    """Rough wall time from one timed scoring call on the first example."""
-    from audit.adapters.base import Query
-
-    e = next((e for e in data if e.image and (e.choices or e.answer)), None)
-    if e is None or passes == 0:
-        return ""
-    q = Query(e.prompt, data.image(e), tuple(e.choices or (e.answer,)))
-    adapter.score([q])  # warm-up
-    t0 = time.perf_counter()
-    adapter.score([q] * 8, batch_size=8)
-    per = (time.perf_counter() - t0) / 8
-    return f" (about {per * passes:.0f} s unbatched; batching usually beats this)"
+    return RunResult(summary=summary, failed_units=failed)

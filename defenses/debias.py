@@ -51,14 +51,13 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from types import MappingProxyType
 
 import numpy as np
 import torch
 from PIL import Image
 
 from audit.adapters.base import Query
-from audit.dataset import Dataset, Example
+from audit.dataset import Dataset, Example, FrozenAttributes
 from audit.errors import InputError, UnsupportedError
 from defenses.record import (
     check_out,
@@ -170,7 +169,7 @@ def _text_twin(e: Example, *, image: Image.Image | None = None, attrs: dict | No
     word = attrs.get("gender_word")
     if word in GENDER_WORDS.values():
         attrs["gender_word"] = next(w for w in GENDER_WORDS.values() if w != word)
-    return replace(e, id=f"{e.id}{suffix}", prompt=prompt, attributes=MappingProxyType(attrs), pair_id=None,
+    return replace(e, id=f"{e.id}{suffix}", prompt=prompt, attributes=FrozenAttributes(attrs), pair_id=None,
                    varies=None)
 
 
@@ -202,7 +201,7 @@ def _redraw_twins(data: Dataset, examples: list[Example]) -> tuple[list[Twin], i
         other = GROUPS[1 - GROUPS.index(spec["group"])]
         image, _ = draw_person(size=size, **{**spec, "group": other})
         attrs = {**e.attributes, "group": other}
-        hat = replace(e, id=f"{e.id}~group", attributes=MappingProxyType(attrs), pair_id=None, varies=None)
+        hat = replace(e, id=f"{e.id}~group", attributes=FrozenAttributes(attrs), pair_id=None, varies=None)
         twins.append(Twin(e, hat, image, "synthetic_redraw"))
         word = _text_twin(e)
         if word is not None:

@@ -13,11 +13,10 @@ import pandas as pd
 import torch
 
 from audit.adapters.attention import LayerPlan, attention_plan
-from audit.adapters.base import ModelAdapter, Query
-from audit.dataset import Dataset
-from probes.base import METRIC_COLUMNS, Probe, ProbeInfo, bootstrap_ci, register, rows_frame
-
-BATCH = 8
+from audit.adapters.base import GenerativeWhiteBox, Query
+from audit.catalog import CATALOG
+from audit.stats import mean_ci, seed_for
+from probes.base import Probe, Unit, metrics_frame, register, rows_frame
 
 
 def rollout(mats: list[torch.Tensor]) -> torch.Tensor:
@@ -34,30 +33,14 @@ def rollout(mats: list[torch.Tensor]) -> torch.Tensor:
 
 @register
 class AttentionProbe(Probe):
-    info = ProbeInfo(
-        name="attention",
-        category="interpretability",
-        description="Share of attention mass from the answer position onto image tokens, per layer and head; "
-                    "heatmaps over the image grid; attention rollout.",
-        citation="Abnar & Zuidema 2020, Quantifying Attention Flow in Transformers (ACL)",
-        cost_per_example=1.0,
-        needs_white_box=True,
-        kinds=("generative",),
-        metrics=("image_attention_share", "image_attention_ratio", "rollout_image_share"),
-    )
+    spec = CATALOG["attention"]
 
-    def check(self, adapter: ModelAdapter) -> list[str]:
-        problems = super().check(adapter)
-        if not problems and adapter.capabilities.fusion != "early":
-            problems.append("attention share needs image tokens in the sequence; this model fuses the image by "
-                            f"{adapter.capabilities.fusion.replace('_', '-')}, so self-attention never sees them")
-        return problems
-
-    def run(self, adapter: ModelAdapter, data: Dataset, *, seed: int) -> pd.DataFrame:
+    def run(self, adapter: GenerativeWhiteBox, unit: Unit, *, seed: int) -> pd.DataFrame:
+        data = unit.dataset()
         records: list[dict] = []
-        examples = list(data)
-        for s in range(0, len(examples), BATCH):
-            records += self._batch(adapter, data, examples[s:s + BATCH])
+        examples = list(unit.examples)
+        for s in range(0, len(examples), self.batch_size):
+            records += self._batch(adapter, data, examples[s:s + self.batch_size])
         return rows_frame(records)
 
     def _batch(self, adapter, data, batch) -> list[dict]:
@@ -75,7 +58,7 @@ class AttentionProbe(Probe):
         with torch.no_grad(), attention_plan(adapter, {i: LayerPlan(read=read) for i in range(adapter.n_layers)}):
             adapter.forward(enc)
         records = []
-        name = self.info.name
+        name = self.name
         for b, e in enumerate(batch):
             if not spans[b]:
                 continue
@@ -84,39 +67,43 @@ class AttentionProbe(Probe):
             for sp in spans[b]:
                 img[sp.start:sp.end] = True
             frac = float(img.float().mean())
-            records.append(dict(probe=name, metric="image_token_fraction", value=frac, example_id=e.id,
-                                group=None, site=None, variant=None))
+            records.append(dict(probe=name, metric="image_token_fraction", value=frac, example_id=e.id))
             for layer in sorted(rows_at_answer):
                 share = rows_at_answer[layer][b][:, :n][:, img].sum(-1)  # [H]
                 for h, v in enumerate(share.tolist()):
                     records.append(dict(probe=name, metric="image_attention_share", value=v, example_id=e.id,
-                                        group=f"layer:{layer}", site=f"language.blocks.{layer}.attn", variant=f"head:{h}"))
+                                        site=f"language.blocks.{layer}.attn", layer=layer, head=h))
             roll = rollout([head_means[layer][b][:n, :n] for layer in sorted(head_means)])
             records.append(dict(probe=name, metric="rollout_image_share", value=float(roll[n - 1][img].sum()),
-                                example_id=e.id, group=None, site=None, variant=None))
+                                example_id=e.id))
             sp = spans[b][0]
             if sp.grid:
-                heat = torch.stack([rows_at_answer[layer][b][:, sp.start:sp.end].mean(0) for layer in sorted(rows_at_answer)]).mean(0)
-                rows_, cols = sp.grid
+                heat = torch.stack([rows_at_answer[layer][b][:, sp.start:sp.end].mean(0)
+                                    for layer in sorted(rows_at_answer)]).mean(0)
+                _, cols = sp.grid
                 for k, v in enumerate(heat.tolist()):
                     records.append(dict(probe=name, metric="attention_heatmap", value=v, example_id=e.id,
-                                        group=f"{k // cols},{k % cols}", site="mean", variant=f"grid:{rows_}x{cols}"))
+                                        variant="layer_head_mean", grid_row=k // cols, grid_col=k % cols))
         return records
 
     def summarize(self, rows: pd.DataFrame, *, seed: int) -> pd.DataFrame:
-        out = []
+        out: list[dict] = []
+        name = self.name
         share = rows[rows.metric == "image_attention_share"]
         if share.empty:
-            return pd.DataFrame(out, columns=METRIC_COLUMNS)
+            return metrics_frame(out)
         per_ex = share.groupby("example_id", sort=True).value.mean()
         frac = rows[rows.metric == "image_token_fraction"].set_index("example_id").value.sort_index()
-        for metric, values in (("image_attention_share", per_ex),
-                               ("image_attention_ratio", per_ex / frac.reindex(per_ex.index)),
-                               ("rollout_image_share", rows[rows.metric == "rollout_image_share"].set_index("example_id").value.sort_index())):
-            lo, hi = bootstrap_ci(values.values, seed=seed)
-            out.append((self.info.name, metric, float(values.mean()), lo, hi, None, int(values.size)))
-        for layer, g in share.groupby("group", sort=True):
+        roll = rows[rows.metric == "rollout_image_share"].set_index("example_id").value.sort_index()
+        for metric, values, bounds in (("image_attention_share", per_ex, (0.0, 1.0)),
+                                       ("image_attention_ratio", per_ex / frac.reindex(per_ex.index), None),
+                                       ("rollout_image_share", roll, (0.0, 1.0))):
+            lo, hi = mean_ci(values.values, seed=seed_for(seed, name, metric), bounds=bounds)
+            out.append(dict(probe=name, metric=metric, value=float(values.mean()), ci_low=lo, ci_high=hi,
+                            n=int(values.size), scope="overall"))
+        for layer, g in share.groupby("layer", sort=True):
             v = g.groupby("example_id", sort=True).value.mean()
-            lo, hi = bootstrap_ci(v.values, seed=seed)
-            out.append((self.info.name, "image_attention_share", float(v.mean()), lo, hi, layer, int(v.size)))
-        return pd.DataFrame(out, columns=METRIC_COLUMNS)
+            lo, hi = mean_ci(v.values, seed=seed_for(seed, name, "layer", str(layer)), bounds=(0.0, 1.0))
+            out.append(dict(probe=name, metric="image_attention_share", value=float(v.mean()), ci_low=lo, ci_high=hi,
+                            group=f"layer:{int(layer)}", n=int(v.size), layer=int(layer), scope="breakdown"))
+        return metrics_frame(out)

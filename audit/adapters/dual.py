@@ -12,15 +12,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from audit.adapters.base import Capabilities, ModelAdapter, Query
+from audit.adapters.base import Capabilities, DualEncoderWhiteBox, Query, candidate_text
 from audit.adapters.sites import resolve
 from audit.errors import UnsupportedError
 
 __all__ = ["DualEncoderAdapter", "candidate_text"]
-
-
-def candidate_text(prompt: str, candidate: str) -> str:
-    return f"{prompt} {candidate}".strip() if prompt else candidate
 
 
 def _features(out) -> torch.Tensor:
@@ -29,7 +25,7 @@ def _features(out) -> torch.Tensor:
     return out if torch.is_tensor(out) else out.pooler_output
 
 
-class DualEncoderAdapter(ModelAdapter):
+class DualEncoderAdapter(DualEncoderWhiteBox):
     def __init__(self, model, processor, *, architecture: str, device: str = "cpu") -> None:
         self.model = model.eval()
         self.processor = processor
@@ -38,7 +34,7 @@ class DualEncoderAdapter(ModelAdapter):
         self.device = device
         self.capabilities = Capabilities(
             kind="dual_encoder", white_box=True, fusion="late", hooks=True, gradients=True,
-            generate=False, attention_patterns=False,
+            attention_patterns=False,
             notes=("late fusion: no cross-modal attention exists to read or knock out",
                    "cannot generate text; closed choices are scored by image-text similarity"),
         )

@@ -60,7 +60,7 @@ class EndpointAdapter(ModelAdapter):
         self.device = "remote"
         self.capabilities = Capabilities(
             kind="generative", white_box=False, fusion="unknown", hooks=False, attention_patterns=False,
-            gradients=False, generate=True, logprobs=True,
+            gradients=False,
             notes=("black box: no hooks, attention or gradients", "choices scored from first-token top_logprobs"),
         )
 

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from audit.adapters.base import Capabilities, ModalitySpan, ModelAdapter, Query
+from audit.adapters.base import Capabilities, Encoded, GenerativeWhiteBox, ModalitySpan, Query
 from audit.adapters.sites import FamilySites, resolve
 from audit.errors import InputError, UnsupportedError
 
-__all__ = ["GenerativeAdapter", "Encoded", "FALLBACK_TEMPLATE"]
+__all__ = ["GenerativeAdapter", "Encoded", "FALLBACK_TEMPLATE", "continuation_logprobs"]
 
 # Used when a processor ships no chat template (documented in the README).
 FALLBACK_TEMPLATE = "USER: {image}{prompt} ASSISTANT:"
@@ -29,20 +27,17 @@ MISMATCH_MESSAGE = "the prompt's image tokens do not match the image features th
 _IMAGE_KEYS = ("pixel_", "image_", "video_", "aspect_ratio", "batch_num_images")
 
 
-@dataclass
-class Encoded:
-    """A padded batch plus where each row's scored continuation sits."""
-
-    inputs: dict[str, torch.Tensor]
-    context_lengths: list[int]
-    continuations: list[list[int]]
-
-    @property
-    def input_ids(self) -> torch.Tensor:
-        return self.inputs["input_ids"]
+def continuation_logprobs(logits: torch.Tensor, enc: Encoded) -> torch.Tensor:
+    """Summed log-probability of each row's continuation, differentiable."""
+    out = []
+    for r, (n, c) in enumerate(zip(enc.context_lengths, enc.continuations)):
+        pos = torch.arange(n - 1, n - 1 + len(c), device=logits.device)
+        lp = torch.log_softmax(logits[r, pos].float(), dim=-1)
+        out.append(lp[torch.arange(len(c)), torch.tensor(c, device=logits.device)].sum())
+    return torch.stack(out)
 
 
-class GenerativeAdapter(ModelAdapter):
+class GenerativeAdapter(GenerativeWhiteBox):
     def __init__(self, model, processor, *, architecture: str, sites: FamilySites, device: str = "cpu") -> None:
         self.model = model.eval()
         self.processor = processor
@@ -62,6 +57,9 @@ class GenerativeAdapter(ModelAdapter):
         )
 
     # ------------------------------------------------------------------ prompts
+    def render_prompt(self, query: Query) -> str:
+        return self.prompt_text(query.prompt, has_image=query.image is not None)
+
     def prompt_text(self, prompt: str, *, has_image: bool) -> str:
         template = getattr(self.processor, "chat_template", None)
         if template:
@@ -98,8 +96,9 @@ class GenerativeAdapter(ModelAdapter):
         finally:
             self.tokenizer.padding_side = old
 
-    def _process(self, prompts: Sequence[str], images: Sequence, *, side: str = "right") -> dict:
-        texts = [self.prompt_text(p, has_image=im is not None) for p, im in zip(prompts, images)]
+    def _process(self, prompts: Sequence[str], images: Sequence, *, side: str = "right",
+                 texts: Sequence[str] | None = None) -> dict:
+        texts = texts or [self.prompt_text(p, has_image=im is not None) for p, im in zip(prompts, images)]
         present = [im for im in images if im is not None]
         if present and len(present) != len(images):
             raise InputError("a batch mixes queries with and without images")
@@ -116,7 +115,8 @@ class GenerativeAdapter(ModelAdapter):
 
     def encode(self, queries: Sequence[Query], continuations: Sequence[Sequence[int]] | None = None) -> Encoded:
         """Context of each query, optionally followed by a continuation (one per query)."""
-        raw = self._process([q.prompt for q in queries], [q.image for q in queries])
+        texts = [self.render_prompt(q) for q in queries]
+        raw = self._process([q.prompt for q in queries], [q.image for q in queries], texts=texts)
         ids, mask = raw["input_ids"], raw["attention_mask"]
         lengths = [int(n) for n in mask.sum(1)]
         conts = [list(c) for c in continuations] if continuations is not None else [[] for _ in queries]
@@ -142,11 +142,17 @@ class GenerativeAdapter(ModelAdapter):
                 rows.append(torch.cat([row, padding]))
             inputs[key] = torch.stack(rows)
         inputs = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in inputs.items()}
-        return Encoded(inputs=inputs, context_lengths=lengths, continuations=conts)
+        return Encoded(inputs=inputs, context_lengths=lengths, continuations=conts, texts=texts,
+                       prompts=[q.prompt for q in queries])
 
-    def forward(self, enc: Encoded, **kwargs):
+    def forward(self, enc: Encoded, **overrides):
+        inputs = {**enc.inputs, **{k: v for k, v in overrides.items() if k in enc.inputs}}
+        extra = {k: v for k, v in overrides.items() if k not in enc.inputs}
         with self._mismatch_as_input_error():
-            return self.model(**enc.inputs, use_cache=False, **kwargs)
+            return self.model(**inputs, use_cache=False, **extra)
+
+    def sequence_logprobs(self, enc: Encoded, **overrides) -> torch.Tensor:
+        return continuation_logprobs(self.forward(enc, **overrides).logits, enc)
 
     @contextlib.contextmanager
     def _mismatch_as_input_error(self) -> Iterator[None]:
@@ -161,16 +167,6 @@ class GenerativeAdapter(ModelAdapter):
             raise InputError(f"{MISMATCH_MESSAGE} ({exc})", where=self.architecture) from exc
 
     # ------------------------------------------------------------------ scoring
-    @staticmethod
-    def continuation_logprobs(logits: torch.Tensor, enc: Encoded) -> torch.Tensor:
-        """Summed log-probability of each row's continuation, differentiable."""
-        out = []
-        for r, (n, c) in enumerate(zip(enc.context_lengths, enc.continuations)):
-            pos = torch.arange(n - 1, n - 1 + len(c), device=logits.device)
-            lp = torch.log_softmax(logits[r, pos].float(), dim=-1)
-            out.append(lp[torch.arange(len(c)), torch.tensor(c, device=logits.device)].sum())
-        return torch.stack(out)
-
     @torch.no_grad()
     def score(self, queries: Sequence[Query], *, batch_size: int = 16) -> list[np.ndarray]:
         results: list[np.ndarray | None] = [None] * len(queries)
@@ -196,7 +192,7 @@ class GenerativeAdapter(ModelAdapter):
         else:
             rows = [(i, ids) for i, row in enumerate(cand_ids) for ids in row]
             enc = self.encode([queries[i] for i, _ in rows], [ids for _, ids in rows])
-            flat = self.continuation_logprobs(self.forward(enc).logits, enc).cpu().numpy().astype(np.float64)
+            flat = self.sequence_logprobs(enc).cpu().numpy().astype(np.float64)
             out, k = [], 0
             for row in cand_ids:
                 out.append(flat[k:k + len(row)])
@@ -276,6 +272,36 @@ class GenerativeAdapter(ModelAdapter):
             spans.append(found)
         return spans
 
+    def question_mask(self, enc: Encoded) -> torch.Tensor:
+        """Positions of each row's user prompt: the template text before and after it is
+        tokenised alone (image placeholders expand as in the processed row), the rest of the
+        context minus image tokens is the question."""
+        ids = enc.input_ids
+        mask = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+        for r, (text, prompt, n) in enumerate(zip(enc.texts, enc.prompts, enc.context_lengths)):
+            start = text.rfind(prompt) if prompt else -1
+            if start < 0:
+                continue
+            bos = self.tokenizer.bos_token
+            head = self.tokenizer(text[:start], add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+            tail = self.tokenizer(text[start + len(prompt):], add_special_tokens=False)["input_ids"]
+            n_image = int((ids[r, :n] == self.image_token_id).sum())
+            n_placeholder = sum(1 for t in head if t == self.image_token_id)
+            lo = len(head) - n_placeholder + n_image
+            hi = n - len(tail)
+            if lo < hi:
+                mask[r, lo:hi] = True
+        return mask & (ids != self.image_token_id)
+
+    def pixel_normalisation(self) -> tuple[list[float], list[float]] | None:
+        ip = getattr(self.processor, "image_processor", None)
+        if ip is None or not getattr(ip, "do_normalize", True):
+            return None
+        mean, std = getattr(ip, "image_mean", None), getattr(ip, "image_std", None)
+        if mean is None or std is None:
+            return None
+        return list(mean) if not isinstance(mean, float) else [mean], list(std) if not isinstance(std, float) else [std]
+
     @property
     def n_layers(self) -> int:
         return len(resolve(self.model, self.sites.language_layers))
@@ -304,8 +330,3 @@ class GenerativeAdapter(ModelAdapter):
         d["n_layers"] = self.n_layers
         d["parameters"] = sum(p.numel() for p in self.model.parameters())
         return d
-
-    @property
-    def path(self) -> Path | None:
-        name = getattr(self.model, "name_or_path", None)
-        return Path(name) if name else None

@@ -5,10 +5,10 @@ import json
 from pathlib import Path
 
 from audit.adapters.base import ModelAdapter
-from audit.adapters.sites import DUAL_FAMILIES, GENERATIVE_FAMILIES
+from audit.adapters.families import families, family_of
 from audit.errors import InputError, UnsupportedError
 
-__all__ = ["load_adapter", "load_processor", "resolve_device", "without_video"]
+__all__ = ["load_adapter", "load_processor", "make_adapter", "resolve_device", "without_video"]
 
 
 def resolve_device(device: str | None) -> str:
@@ -37,32 +37,46 @@ def load_adapter(model: str | Path, *, device: str | None = "cpu", dtype=None, t
         model_type = json.loads(cfg_path.read_text())["model_type"]
     except (json.JSONDecodeError, KeyError) as exc:
         raise InputError(f"config.json is unreadable or has no model_type ({exc})", where=str(cfg_path)) from exc
-    if model_type not in GENERATIVE_FAMILIES and model_type not in DUAL_FAMILIES:
-        known = ", ".join(sorted([*GENERATIVE_FAMILIES, *DUAL_FAMILIES]))
+    family = family_of(model_type)
+    if family is None:
+        known = ", ".join(sorted(families()))
         raise UnsupportedError(f"unsupported architecture {model_type!r}; supported: {known}", where=str(cfg_path))
+    why = family.unavailable_reason()
+    if why:
+        raise UnsupportedError(why, where=str(cfg_path))
     if not any(path.glob("*.safetensors")):
         # Never fall back to pickled .bin weights: unpickling runs arbitrary code.
         raise InputError("no safetensors weights found (pickled .bin weights are refused)", where=str(path))
     device = resolve_device(device)
 
-    from transformers import AutoModel, AutoModelForImageTextToText
+    import transformers
 
     processor = load_processor(path, model_type=model_type, trust_remote_code=trust_remote_code)
     kwargs = dict(use_safetensors=True, trust_remote_code=trust_remote_code)
     if dtype is not None:
         kwargs["dtype"] = dtype
-    if model_type in GENERATIVE_FAMILIES:
+    auto = getattr(transformers, family.auto_class)
+    if family.kind == "generative":
+        kwargs["attn_implementation"] = "sdpa"
+    net = auto.from_pretrained(path, **kwargs).to(device)
+    return make_adapter(net, processor, family=family, device=device)
+
+
+def make_adapter(net, processor, *, family, device: str) -> ModelAdapter:
+    """The adapter of `family` around an already built model (reference training uses it too)."""
+    import importlib
+
+    if family.adapter:
+        module, _, name = family.adapter.partition(":")
+        cls = getattr(importlib.import_module(module), name)
+        return cls(net, processor, family=family, device=device)
+    if family.kind == "generative":
         from audit.adapters.generative import GenerativeAdapter
 
-        net = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa", **kwargs)
-        adapter = GenerativeAdapter(net.to(device), processor, architecture=model_type,
-                                    sites=GENERATIVE_FAMILIES[model_type], device=device)
-    else:
-        from audit.adapters.dual import DualEncoderAdapter
+        return GenerativeAdapter(net, processor, architecture=family.model_type, sites=family.sites, device=device)
+    from audit.adapters.dual import DualEncoderAdapter
 
-        net = AutoModel.from_pretrained(path, **kwargs)
-        adapter = DualEncoderAdapter(net.to(device), processor, architecture=model_type, device=device)
-    return adapter
+    return DualEncoderAdapter(net, processor, architecture=family.model_type, device=device)
 
 
 def load_processor(path: Path, *, model_type: str, trust_remote_code: bool = False):

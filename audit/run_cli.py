@@ -1,0 +1,161 @@
+"""`mmaudit run`: audit a model with a suite or a list of probes.
+
+Options come from three places, later ones winning: built-in defaults, a YAML file given
+with `--config` (validated by `audit.config.RunConfig`), and the flags on the command
+line. Every flag here does what its help says; the resolved values are recorded in
+summary.json's `config`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from audit.argtypes import positive_int, seed
+from audit.errors import InputError
+
+__all__ = ["add_commands", "cmd_run", "RUN_DEFAULTS", "resolve_run_options"]
+
+RUN_DEFAULTS = {"model": None, "endpoint": None, "data": None, "suite": None, "probes": None, "out": None,
+                "device": "cpu", "seed": 0, "store": None, "on_error": "stop", "batch_size": 16,
+                "max_examples": None, "parent": None, "yes": False}
+CONFIRM_SECONDS = 600  # ask before an interactive run estimated to take longer than this
+
+
+def _err(msg: str) -> None:
+    print(f"mmaudit: {msg}", file=sys.stderr)
+
+
+def add_commands(sub) -> None:
+    r = sub.add_parser("run", help="audit a model with a suite or a list of probes",
+                       description="Audit a model folder or an endpoint. Writes RUN_DIR/summary.json and "
+                                   "results.parquet and records the run in the store. Rerunning the same "
+                                   "command resumes an interrupted run.",
+                       argument_default=argparse.SUPPRESS)
+    src = r.add_mutually_exclusive_group()
+    src.add_argument("--model", metavar="MODEL_DIR", help="Hugging Face model folder to audit (white box)")
+    src.add_argument("--endpoint", metavar="URL",
+                     help="OpenAI-compatible server to audit as a black box (e.g. http://127.0.0.1:8000)")
+    r.add_argument("--data", metavar="DATA_DIR", help="dataset folder with manifest.jsonl (docs/format.md)")
+    which = r.add_mutually_exclusive_group()
+    which.add_argument("--suite", choices=("quick", "standard", "full"),
+                       help="named list of probes (see the README's probe table)")
+    which.add_argument("--probes", metavar="NAME[,NAME...]", help="comma-separated probe names")
+    r.add_argument("--out", metavar="RUN_DIR", help="where the run is written (new, or an unfinished run to resume)")
+    r.add_argument("--device", choices=("cpu", "cuda", "auto"), help="where the model runs (default cpu)")
+    r.add_argument("--seed", type=seed, help="seed of every random choice in the audit (default 0)")
+    r.add_argument("--store", metavar="DB_PATH", help="DuckDB store (default $MMAUDIT_STORE or ~/.mmaudit/store.duckdb)")
+    r.add_argument("--config", metavar="CONFIG.yaml", help="YAML file with any of these options; flags override it")
+    r.add_argument("--on-error", choices=("stop", "skip"), help="bad manifest lines: stop (default) or skip them")
+    r.add_argument("--batch-size", type=positive_int, help="queries per forward pass in every probe (default 16)")
+    r.add_argument("--max-examples", type=positive_int,
+                   help="audit at most this many examples per probe (the run says which probes were capped)")
+    r.add_argument("--parent", metavar="RUN_DIR", help="an earlier run this one re-audits (lineage in the store and "
+                                                       "the report's before/after comparison)")
+    r.add_argument("--yes", action="store_true", help=f"do not ask before an interactive run estimated to take "
+                                                      f"more than {CONFIRM_SECONDS // 60} minutes")
+    r.set_defaults(handler=cmd_run)
+
+
+def resolve_run_options(args: argparse.Namespace) -> dict:
+    """defaults < --config file < explicit flags; required options checked at the end."""
+    opts = dict(RUN_DEFAULTS)
+    config = getattr(args, "config", None)
+    if config:
+        from audit.config import load_run_config
+
+        cfg = load_run_config(config).model_dump(exclude_unset=True)
+        if "probes" in cfg and cfg["probes"] is not None:
+            cfg["probes"] = ",".join(cfg["probes"])
+        opts.update(cfg)
+    flags = {k: v for k, v in vars(args).items() if k in RUN_DEFAULTS}
+    for a, b in (("model", "endpoint"), ("suite", "probes")):  # a flag replaces the config's alternative
+        if a in flags:
+            opts[b] = None
+        if b in flags:
+            opts[a] = None
+    opts.update(flags)
+    missing = [f"--{k}" for k in ("data", "out") if not opts[k]]
+    if not (opts["model"] or opts["endpoint"]):
+        missing.append("--model or --endpoint")
+    if not (opts["suite"] or opts["probes"]):
+        missing.append("--suite or --probes")
+    if missing:
+        raise InputError(f"missing {', '.join(missing)} (as flags or in --config)", where="mmaudit run")
+    if opts["model"] and opts["endpoint"]:
+        raise InputError("give --model or --endpoint, not both", where="mmaudit run")
+    return opts
+
+
+def _parent_run_id(parent: str | None) -> str | None:
+    if not parent:
+        return None
+    from audit.gate import load_summary
+
+    return str(load_summary(parent, where=f"--parent {parent}")["run_id"])
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from audit.adapters import load_adapter
+    from audit.dataset import Dataset
+    from audit.runner import RunSpec, run_audit
+    from probes.base import resolve_names
+
+    opts = resolve_run_options(args)
+    names, dupes = resolve_names(suite=opts["suite"], probes=opts["probes"])
+    pre = []
+    if dupes:
+        _err(f"--probes names {', '.join(sorted(set(dupes)))} more than once; each runs once")
+    data = Dataset.load(opts["data"], on_error=opts["on_error"])
+    for line, reason in data.skipped:
+        _err(f"skipped {data.path / 'manifest.jsonl'} line {line}: {reason}")
+    if len(data) == 0:
+        raise InputError("the manifest has no examples", where=str(data.path / "manifest.jsonl"))
+    data = data.audit_split()
+    model = opts["model"] or opts["endpoint"]
+    if opts["model"]:
+        model = str(Path(model).expanduser().resolve())
+    adapter = load_adapter(model, device=opts["device"])
+    try:
+        spec = RunSpec(model=model, data=str(data.path), probes=names, out=str(Path(opts["out"]).absolute()),
+                       seed=opts["seed"], device=adapter.device, batch_size=opts["batch_size"],
+                       max_examples=opts["max_examples"], suite=opts["suite"], store=opts["store"],
+                       parent_run_id=_parent_run_id(opts["parent"]))
+        result = run_audit(spec, adapter=adapter, data=data, log=_err, pre_findings=pre,
+                           confirm=None if opts["yes"] else _ask)
+    finally:
+        adapter.close()
+    summary = result.summary
+    print_summary(summary)
+    out = Path(spec.out)
+    print(f"wrote {out / 'summary.json'} and results.parquet; run id {summary['run_id']}")
+    store = f" --store {opts['store']}" if opts["store"] else ""
+    print("next:")
+    print(f"  mmaudit report {out} --format html          # the compliance report")
+    print(f"  mmaudit gate {out} --policy docs/policy.example.yaml   # a release verdict")
+    print(f"  mmaudit dashboard{store}                         # explore every stored run")
+    if result.failed_units:
+        _err(f"{len(result.failed_units)} unit(s) failed: {', '.join(result.failed_units)} "
+             "(see the findings); rerun the same command to retry them")
+    return result.exit_code
+
+
+def _ask(est) -> bool:
+    """Pause before a long interactive run (never when stdin is not a terminal)."""
+    if est.seconds is None or est.seconds < CONFIRM_SECONDS or not sys.stdin.isatty():
+        return True
+    try:
+        answer = input(f"mmaudit: this audit will take {est.text.split('about ')[-1]}; continue? [y/N] ")
+    except EOFError:
+        return False
+    return answer.strip().lower() in ("y", "yes")
+
+
+def print_summary(summary: dict) -> None:
+    for m in summary["metrics"]:
+        if m["group"] is None:
+            ci = f" [{m['ci_low']:.3f}, {m['ci_high']:.3f}]" if m["ci_low"] is not None and m["ci_high"] is not None else ""
+            value = "n/a" if m["value"] is None else f"{m['value']:.4f}"
+            print(f"  {m['probe']:<22} {m['metric']:<28} {value}{ci}  n={m['n']}")
+    for f in summary["findings"]:
+        print(f"  [{f['severity']}] {f['probe']}: {f['message']}")
