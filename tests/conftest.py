@@ -15,23 +15,57 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+def _source_hash() -> str:
+    """Hash of the code that makes fixture data and models (a cached copy is reused only if equal)."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for f in sorted((root / "reference_models").glob("*.py")) + [root / "audit" / "training.py"]:
+        if f.is_file():
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _cached(tmp_path_factory, name: str, build):
+    """Build a fixture folder once per session; with MMAUDIT_TEST_CACHE set (local development
+    only, never in CI), reuse it across sessions while the generating code is unchanged."""
+    import shutil
+    from pathlib import Path
+
+    cache = os.environ.get("MMAUDIT_TEST_CACHE")
+    if not cache:
+        out = tmp_path_factory.mktemp("fixtures") / name
+        build(out)
+        return out
+    final = Path(cache) / _source_hash() / name
+    if not (final / ".complete").is_file():
+        tmp = final.with_name(f".{name}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build(tmp)
+        (tmp / ".complete").write_text("ok")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    return final
+
+
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory):
     """800 ordinary examples at bias 0.9 (plus canaries, typographic and counterfactual sets)."""
     from reference_models.synthetic import generate
 
-    path = tmp_path_factory.mktemp("data") / "small"
-    generate(path, n=800, bias=0.9, seed=1, n_canaries=16)
-    return path
+    return _cached(tmp_path_factory, "small-data", lambda p: generate(p, n=800, bias=0.9, seed=1, n_canaries=16))
 
 
 def _train(tmp_path_factory, data, *, arch, variant, epochs, **kw):
     from reference_models.train import train_reference
 
-    out = tmp_path_factory.mktemp("models") / f"{arch}-{variant}"
-    train_reference(arch=arch, preset="tiny", variant=variant, data_dir=data, out_dir=out, epochs=epochs,
-                    progress=False, **kw)
-    return out
+    def build(out):
+        train_reference(arch=arch, preset="tiny", variant=variant, data_dir=data, out_dir=out, epochs=epochs,
+                        progress=False, **kw)
+
+    return _cached(tmp_path_factory, f"{arch}-{variant}-{epochs}", build)
 
 
 @pytest.fixture(scope="session")
