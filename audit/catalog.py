@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 __all__ = ["MetricSpec", "ProbeSpec", "CATALOG", "SUITES", "SECTIONS", "PAGES", "CATEGORIES", "spec_of",
-           "metric_spec", "direction", "suite_probes", "register_spec", "all_specs"]
+           "metric_spec", "direction", "suite_probes", "register_spec", "all_specs", "markdown_table"]
 
 Direction = Literal["higher", "lower", "none"]
 
@@ -75,6 +75,7 @@ class ProbeSpec:
     extra: str | None = None  # pip extra that provides `requires`
     requires: tuple[str, ...] = ()  # importable modules the probe needs beyond the core install
     black_box: str = "yes"  # what an endpoint gets: "yes" | "no" | a short qualification
+    known_answer: str = ""  # the test whose truth is known by construction that backs this probe
 
     def __post_init__(self) -> None:
         if self.category not in CATEGORIES:
@@ -109,6 +110,7 @@ _BUILTIN = (
         citation="Gat et al. 2021, Perceptual Score: What Data Modalities Does Your Model Perceive? (NeurIPS)",
         suites=(_QUICK, _STD, _FULL), section="interpretability", page="modality",
         module="probes.modality_ablation:ModalityAblation",
+        known_answer="blind model (zeroed projector) and `text_shortcut` read exactly 0",
         metrics=(
             _m("image_reliance", "Image reliance", "How far the answer distribution moves (total variation, 0-1) "
                "when the image is replaced; 0 means the answer ignores the image.", dims=("variant",), headline=True),
@@ -131,6 +133,7 @@ _BUILTIN = (
         citation="Abnar & Zuidema 2020, Quantifying Attention Flow in Transformers (ACL)",
         suites=(_STD, _FULL), section="interpretability", page="attention", module="probes.attention:AttentionProbe",
         needs=("white_box", "attention_patterns"), kinds=("generative",), fusions=("early",), black_box="no",
+        known_answer="capture equals HF `output_attentions` and TransformerLens `hook_pattern`",
         metrics=(
             _m("image_attention_share", "Attention on image tokens", "Mean share of the answer position's "
                "attention that lands on image tokens (all layers and heads).", dims=("layer",), headline=True),
@@ -147,6 +150,7 @@ _BUILTIN = (
         suites=(_FULL,), section="interpretability", page="attention",
         module="probes.attention_knockout:AttentionKnockout",
         needs=("white_box", "attention_patterns"), kinds=("generative",), fusions=("early",), black_box="no",
+        known_answer="all edges open equals the plain forward; blocking image->last changes a grounded answer",
         metrics=(
             _m("max_effect", "Largest knockout effect", "Largest relative change of the answer probability over "
                "layer windows when the block pair's attention edges are cut; -1 means the answer vanishes.",
@@ -161,6 +165,7 @@ _BUILTIN = (
         citation="Parcalabescu & Frank 2023, MM-SHAP: A Performance-agnostic Metric for Measuring Multimodal "
                  "Contributions in Vision and Language Models & Tasks (ACL)",
         suites=(_FULL,), section="interpretability", page="modality", module="probes.mm_shap:MMShap",
+        known_answer="analytic two-player games; blind model reads 0; permutation invariance",
         metrics=(
             _m("v_shap", "Image share of Shapley value", "Share of the answer's Shapley attribution carried by "
                "image patches; with t_shap it sums to 1.", headline=True),
@@ -177,6 +182,7 @@ _BUILTIN = (
         suites=(_FULL,), section="interpretability", page="modality", module="probes.attribution:Attribution",
         needs=("white_box", "gradients"), kinds=("generative",), fusions=("early",), extra="interp",
         requires=("captum",), black_box="no",
+        known_answer="completeness < 0.05 at 512 steps; an all-zero path raises",
         metrics=(
             _m("completeness_delta", "IG completeness error", "|sum of attributions - (f(x) - f(baseline))| "
                "relative to the gap; small values mean the integral converged.", "lower", unit="ratio"),
@@ -191,6 +197,7 @@ _BUILTIN = (
         suites=(_FULL,), section="interpretability", page="attention",
         module="probes.activation_patching:ActivationPatching",
         needs=("white_box", "hooks"), kinds=("generative",), fusions=("early",), black_box="no",
+        known_answer="blind model: every delta 0; last position at last layer restores 1",
         metrics=(
             _m("image_effect", "Image effect", "Mean |log p(answer | own image) - log p(answer | other image)|; "
                "0 means the image changes nothing.", unit="nats", headline=True),
@@ -207,6 +214,7 @@ _BUILTIN = (
                  "Counterfactual Probing; Howard et al. 2024, SocialCounterfactuals (CVPR)",
         suites=(_STD, _FULL), section="fairness", page="bias",
         module="probes.counterfactual_bias:CounterfactualBias",
+        known_answer="rule models read flip 0 / 1; simulated false-alarm rate and power",
         metrics=(
             _m("flip_rate", "Flip rate", "Share of counterfactual sets whose chosen answer changes when only the "
                "attribute changes.", "lower", dims=("attribute",), headline=True),
@@ -233,6 +241,7 @@ _BUILTIN = (
                  "Hardt et al. 2016, Equality of Opportunity in Supervised Learning (NeurIPS)",
         suites=(_STD, _FULL), section="fairness", page="bias", module="probes.group_fairness:GroupFairness",
         extra="fairness", requires=("fairlearn",),
+        known_answer="every value equals fairlearn's functions; simulated false-alarm rate and power",
         metrics=(
             _m("accuracy", "Accuracy per group", "Share of reference answers chosen in each group.", "higher",
                dims=("attribute", "attribute_value")),
@@ -260,6 +269,7 @@ _BUILTIN = (
                  "Fairness-Aware Ranking in Search & Recommendation Systems (KDD)",
         suites=(_FULL,), section="fairness", page="bias", module="probes.retrieval_skew:RetrievalSkew",
         kinds=("dual_encoder",), black_box="no (dual encoders)",
+        known_answer="hand-computed Skew@k and NDKL",
         metrics=(
             _m("max_skew_at_k", "MaxSkew@k", "log of the most over-represented group's share of the top k over "
                "its fair share; 0 = fair.", "lower", unit="ratio", dims=("attribute", "query"), headline=True),
@@ -275,6 +285,7 @@ _BUILTIN = (
                     "per negative-sampling setting.",
         citation="Li et al. 2023, Evaluating Object Hallucination in Large Vision-Language Models (EMNLP)",
         suites=(_STD, _FULL), section="safety", page="safety", module="probes.hallucination:Hallucination",
+        known_answer="POPE's evaluate.py formula per setting",
         metrics=(
             _m("pope_accuracy", "POPE accuracy", "Share of presence questions answered correctly.", "higher",
                dims=("setting",), headline=True),
@@ -290,6 +301,7 @@ _BUILTIN = (
         citation="Goh et al. 2021, Multimodal Neurons in Artificial Neural Networks (Distill); "
                  "Azuma & Matsui 2023, Defense-Prefix for Preventing Typographic Attacks on CLIP (ICCV workshops)",
         suites=(_STD, _FULL), section="safety", page="safety", module="probes.typographic_attack:TypographicAttack",
+        known_answer="a text-reading rule model reads 1",
         metrics=(
             _m("attack_success_rate", "Attack success rate", "Share of answers that follow the word written in "
                "the image over the visual evidence.", "lower", headline=True),
@@ -306,6 +318,7 @@ _BUILTIN = (
                  "Adversarial Attacks (ICLR)",
         suites=(_FULL,), section="safety", page="safety", module="probes.robustness:Robustness",
         black_box="yes (PGD needs white box)",
+        known_answer="deterministic perturbations; PGD lowers the target",
         metrics=(
             _m("flip_rate", "Flip rate", "Share of answers that change under the perturbation.", "lower",
                dims=("perturbation", "strength"), headline=True),
@@ -320,6 +333,7 @@ _BUILTIN = (
                  "Jagielski, Ullman & Oprea 2020, Auditing Differentially Private Machine Learning (NeurIPS); "
                  "Yeom et al. 2018, Privacy Risk in Machine Learning (CSF)",
         suites=(_FULL,), section="privacy", page="privacy", module="probes.privacy_audit:PrivacyAudit",
+        known_answer="epsilon lower bound <= accountant epsilon on DP models; the non-private control leaks more",
         metrics=(
             _m("epsilon_lower_bound", "Empirical epsilon lower bound", "With 95% confidence the training run is "
                "not (epsilon, delta)-DP for any smaller epsilon; 0 = no leakage shown.", "lower", unit="epsilon",
@@ -375,3 +389,20 @@ def direction(probe: str, metric: str) -> int:
     """+1 higher is better, -1 lower is better, 0 no agreed direction (or unknown metric)."""
     m = metric_spec(probe, metric)
     return {"higher": 1, "lower": -1}.get(m.direction, 0) if m else 0
+
+
+def markdown_table() -> str:
+    """The README's probe table (tests/test_catalog.py keeps the README equal to it)."""
+    lines = ["| probe | category | main metrics | suites | black box | install | known-answer test |",
+             "|---|---|---|---|---|---|---|"]
+    for spec in _BUILTIN:
+        main = ", ".join(f"`{m.name}`" for m in spec.metrics if m.headline) or ", ".join(
+            f"`{m.name}`" for m in spec.metrics[:2])
+        needs = f"`mmaudit[{spec.extra}]`" if spec.extra else "core"
+        lines.append(f"| `{spec.name}` | {spec.category} | {main} | {', '.join(spec.suites) or '-'} | "
+                     f"{spec.black_box} | {needs} | {spec.known_answer} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m audit.catalog  -> the README probe table
+    print(markdown_table())

@@ -281,7 +281,7 @@ def _completion(result: dict, request: ChatRequest, *, model_name: str) -> dict:
 
 
 def create_app(*, adapter, model_name: str, limits: Limits | None = None):
-    """The FastAPI app serving `adapter` (a GenerativeAdapter)."""
+    """The FastAPI app serving `adapter` (a GenerativeWhiteBox)."""
     from fastapi import FastAPI, Request
     from starlette.exceptions import HTTPException
 
@@ -324,14 +324,14 @@ def create_app(*, adapter, model_name: str, limits: Limits | None = None):
 
 
 def load_generative(*, model_dir: str, device: str = "cpu"):
-    """A GenerativeAdapter for a local folder; dual encoders and URLs are refused."""
+    """A generative white-box adapter for a local folder; dual encoders and URLs are refused."""
     from audit.adapters import load_adapter
-    from audit.adapters.generative import GenerativeAdapter
+    from audit.adapters.base import GenerativeWhiteBox
 
     if str(model_dir).startswith(("http://", "https://")):
         raise InputError("serve needs a local model folder, not a URL", where=str(model_dir))
     adapter = load_adapter(model_dir, device=device)
-    if not isinstance(adapter, GenerativeAdapter):
+    if not isinstance(adapter, GenerativeWhiteBox):
         raise InputError("only generative models can be served as chat completions "
                          f"({adapter.architecture} is a {adapter.capabilities.kind})", where=str(model_dir))
     return adapter

@@ -97,9 +97,12 @@ def test_unknown_site_is_a_clear_error(untrained_llava):
         a.site_module("language.blocks.99.resid")
 
 
+@pytest.mark.slow
 def test_dual_encoder_scores_match_model_logits(clip_grounded):
     a = load_adapter(clip_grounded)
-    assert a.capabilities.kind == "dual_encoder" and not a.capabilities.generate
+    assert a.capabilities.kind == "dual_encoder"
+    with pytest.raises(UnsupportedError, match="cannot generate"):
+        a.generate([])
     im = _img()
     s = a.score([Query("", im, ("one red circle", "two blue square"))])[0]
     inputs = a.processor(images=[im], text=["one red circle", "two blue square"], return_tensors="pt", padding=True)
@@ -123,3 +126,38 @@ def test_site_maps_resolve_on_every_generative_family(config_name):
     assert isinstance(resolve(model, sites.embed), torch.nn.Embedding)
     resolve(model, sites.projector)
     assert getattr(cfg, sites.image_token_attr) is not None
+
+
+def test_question_mask_covers_exactly_the_prompt_words(untrained_llava):
+    a = load_adapter(untrained_llava)
+    img = Image.new("RGB", (64, 64), (10, 200, 30))
+    enc = a.encode([Query("what colour are the shapes?", img, ("red",)), Query("", img, ("red",))])
+    ids, mask = enc.input_ids, a.question_mask(enc)
+    words = a.tokenizer.convert_ids_to_tokens(ids[0][mask[0]].tolist())
+    assert [w.strip() for w in words] == ["what", "colour", "are", "the", "shapes", "?"] or \
+        "".join(w.strip() for w in words).replace("?", "") == "whatcolouraretheshapes"
+    assert not mask[1].any()  # an empty prompt has no question tokens
+    image = ids == a.image_token_id
+    assert not (mask & image).any()
+    n = enc.context_lengths[0]
+    special = ~mask[0, :n] & ~image[0, :n]
+    assert special.sum() >= 2  # BOS and the template's role words are not "question"
+
+
+def test_sequence_logprobs_is_the_score_and_is_differentiable(untrained_llava):
+    a = load_adapter(untrained_llava)
+    q = Query("what colour are the shapes?", Image.new("RGB", (64, 64), (200, 30, 30)), ("red", "blue green"))
+    ids = [a.continuation_ids(c) for c in q.candidates]
+    enc = a.encode([q, q], ids)
+    lp = a.sequence_logprobs(enc)
+    np.testing.assert_allclose(lp.detach().numpy(), a.score([q])[0], atol=1e-5)
+    px = enc.inputs["pixel_values"].clone().requires_grad_(True)
+    a.sequence_logprobs(enc, pixel_values=px).sum().backward()
+    assert px.grad is not None and px.grad.abs().sum() > 0
+
+
+def test_module_name_and_pixel_normalisation(untrained_llava):
+    a = load_adapter(untrained_llava)
+    assert a.module_name("language.blocks.1.attn") == "model.language_model.layers.1.self_attn"
+    mean, std = a.pixel_normalisation()
+    assert len(mean) == len(std) == 3 and all(s > 0 for s in std)

@@ -103,6 +103,88 @@ def test_run_with_missing_processor(untrained_llava, small_data, tmp_path, capsy
     assert "processor" in _last_err(capsys)
 
 
+def test_config_file_and_flags_merge_with_flags_winning(untrained_llava, small_data, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: {untrained_llava}\ndata: {small_data}\nsuite: quick\nseed: 5\nbatch_size: 3\n"
+                   f"max_examples: 8\nstore: {tmp_path / 's.duckdb'}\n")
+    out = tmp_path / "run"
+    assert main(["run", "--config", str(cfg), "--out", str(out), "--seed", "9", "--probes", "attention"]) == 0
+    config = json.loads((out / "summary.json").read_text())["config"]
+    assert config["seed"] == 9 and config["batch_size"] == 3 and config["max_examples"] == 8
+    assert config["probes"] == ["attention"] and config["suite"] is None
+
+
+def test_parent_records_lineage(untrained_llava, small_data, tmp_path, capsys):
+    from audit.store import Store
+
+    store = tmp_path / "s.duckdb"
+    base = ["run", "--model", str(untrained_llava), "--data", str(small_data), "--probes", "modality_ablation",
+            "--store", str(store), "--max-examples", "4"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    assert main([*base, "--out", str(tmp_path / "b"), "--parent", str(tmp_path / "a")]) == 0
+    a = json.loads((tmp_path / "a" / "summary.json").read_text())
+    b = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert b["parent_run_id"] == a["run_id"]
+    runs = Store(store).runs().set_index("run_id")
+    assert runs.loc[b["run_id"], "parent_run_id"] == a["run_id"]
+    assert main([*base, "--out", str(tmp_path / "c"), "--parent", str(tmp_path / "nowhere")]) == 2
+    assert "--parent" in _last_err(capsys)
+
+
+def test_duplicate_probes_run_once(untrained_llava, small_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--model", str(untrained_llava), "--data", str(small_data), "--probes",
+                 "modality_ablation,modality_ablation", "--out", str(out), "--store", str(tmp_path / "s.duckdb"),
+                 "--max-examples", "4"]) == 0
+    assert "more than once" in capsys.readouterr().err
+    s = json.loads((out / "summary.json").read_text())
+    assert s["config"]["probes"] == ["modality_ablation"]
+    assert len([m for m in s["metrics"] if m["metric"] == "image_reliance" and m["group"] is None]) == 1
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n"])
+def test_empty_manifest_is_an_error(untrained_llava, tmp_path, capsys, content):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.jsonl").write_text(content)
+    assert main(["run", "--model", str(untrained_llava), "--data", str(data), "--suite", "quick", "--out",
+                 str(tmp_path / "run")]) == 2
+    assert "no examples" in _last_err(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv_tail, needle", [(["--seed", "-1"], "--seed"), (["--seed", str(2**40)], "--seed"),
+                                               (["--batch-size", "0"], "--batch-size")])
+def test_bad_numbers_exit_2(argv_tail, needle, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--model", "m", "--data", "d", "--suite", "quick", "--out", "o", *argv_tail])
+    assert exc.value.code == 2
+    assert needle in _last_err(capsys)
+
+
+@pytest.mark.parametrize("payload, needle", [(b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "not a text file"),
+                                             (b"- a\n- b\n", "mapping"), (b"seed: -3\n", "'seed'")])
+def test_bad_config_files_exit_2(tmp_path, capsys, payload, needle):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_bytes(payload)
+    assert main(["run", "--config", str(cfg)]) == 2
+    assert needle in _last_err(capsys)
+
+
+def test_internal_errors_are_one_line_unless_debug(monkeypatch, capsys):
+    import audit.commands
+
+    def broken(args):
+        raise ZeroDivisionError("boom")
+
+    monkeypatch.setattr(audit.commands, "cmd_runs", broken)
+    assert main(["runs"]) == 1
+    err = _last_err(capsys)
+    assert "internal error: ZeroDivisionError: boom" in err and "--debug" in err
+    with pytest.raises(ZeroDivisionError):
+        main(["--debug", "runs"])
+
+
 def test_config_file_replaces_flags_and_names_bad_fields(untrained_llava, small_data, tmp_path, capsys):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"model: {untrained_llava}\ndata: {small_data}\nprobes: [modality_ablation]\n"

@@ -213,3 +213,19 @@ def test_truncated_and_corrupt_images(tmp_path):
     with pytest.raises(InputError, match=r"junk\.jpg \(example 'e3'\) is truncated or corrupt"):
         ds.image(ds[2])
     assert [i for i, _ in ds.check_images()] == ["e2", "e3"]
+
+
+def test_examples_pickle_and_views_share_images(small_data):
+    import pickle
+
+    from audit.dataset import Dataset
+
+    data = Dataset.load(small_data)
+    ex = next(e for e in data if e.image and e.attributes)
+    back = pickle.loads(pickle.dumps(ex))
+    assert back == ex and dict(back.attributes) == dict(ex.attributes)
+    with pytest.raises(TypeError):
+        back.attributes["x"] = 1  # still read-only
+    view = Dataset.view(data.path, [back])
+    assert view[0] is back and view.image(back).size == data.image(ex).size
+    assert list(Dataset.view(data.path, [back]).image(back).getdata()) == list(data.image(ex).getdata())

@@ -429,7 +429,7 @@ def test_run_against_endpoint_writes_contract_outputs(url, small_data, tmp_path)
             "--store", str(tmp_path / "s.duckdb"), "--max-examples", "6"]
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["schema_version"] == 1 and summary["model"]["architecture"].startswith("endpoint:")
+    assert summary["schema_version"] == 2 and summary["model"]["architecture"].startswith("endpoint:")
     probes = {m["probe"] for m in summary["metrics"]}
     assert {"modality_ablation", "hallucination"} <= probes
     skipped = [f for f in summary["findings"] if f["probe"] == "attention"]
