@@ -1,2 +1,2 @@
 """mmaudit kernel: data, model adapters, probe runner, store, report and gate."""
-__version__ = "0.1.0"
+__version__ = "0.2.0"

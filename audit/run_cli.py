@@ -99,10 +99,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from audit.adapters import load_adapter
     from audit.dataset import Dataset
     from audit.runner import RunSpec, run_audit
-    from probes.base import resolve_names
+    from probes.base import probe_class, resolve_names
 
     opts = resolve_run_options(args)
     names, dupes = resolve_names(suite=opts["suite"], probes=opts["probes"])
+    for name in names:  # import every probe now: a missing extra fails before any work
+        probe_class(name)
     pre = []
     if dupes:
         _err(f"--probes names {', '.join(sorted(set(dupes)))} more than once; each runs once")

@@ -66,3 +66,24 @@ def test_spec_validation_names_the_problem():
     m = catalog.MetricSpec("a", "A", "a")
     with pytest.raises(ValueError, match="declared twice"):
         catalog.ProbeSpec(name="x", title="x", category="safety", description="", citation="", metrics=(m, m))
+
+
+def test_a_probe_whose_extra_is_missing_names_it(monkeypatch, tmp_path, capsys):
+    import importlib.util
+
+    import probes.base as probes_base
+    from audit.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fairlearn" else real(name, *a))
+    monkeypatch.setattr(probes_base, "_REGISTRY",
+                        {k: v for k, v in probes_base._REGISTRY.items() if k != "group_fairness"})
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "manifest.jsonl").write_text('{"id": "a", "prompt": "p"}\n')
+    code = main(["run", "--model", str(tmp_path / "m"), "--data", str(data), "--probes", "group_fairness",
+                 "--out", str(tmp_path / "r")])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "pip install 'mmaudit[fairness]'" in err and "fairlearn" in err
+    assert not (tmp_path / "r").exists()
