@@ -13,7 +13,8 @@ __all__ = ["run_demo"]
 def run_demo(*, out: Path, store: str | None = None, epochs: int | None = None, max_examples: int | None = 96) -> int:
     from audit.adapters import load_adapter
     from audit.dataset import Dataset
-    from audit.runner import RunSpec, resolve_probes, run_audit
+    from audit.runner import RunSpec, run_audit
+    from probes.base import resolve_names
     from audit.store import Store
     from reference_models.synthetic import generate
     from reference_models.train import train_reference
@@ -30,11 +31,11 @@ def run_demo(*, out: Path, store: str | None = None, epochs: int | None = None, 
                         seed=0, epochs=epochs)
     if not (run_dir / "summary.json").is_file():
         print(f"[3/3] running the standard suite into {run_dir}")
-        names, skipped = resolve_probes(suite="standard", probes=None)
+        names, _ = resolve_names(suite="standard")
         data = Dataset.load(data_dir).audit_split()
-        spec = RunSpec(model=str(model_dir), data=str(data_dir), probes=names, out=str(run_dir), seed=0,
-                       suite="standard", store=store, max_examples=max_examples)
-        run_audit(spec, adapter=load_adapter(model_dir), data=data, skipped_names=skipped)
+        spec = RunSpec(model=str(model_dir.resolve()), data=str(data_dir), probes=names, out=str(run_dir.resolve()),
+                       seed=0, suite="standard", store=store, max_examples=max_examples)
+        run_audit(spec, adapter=load_adapter(model_dir), data=data)
     from audit.report import build_report
 
     report = build_report(run_dir, "html", store=store)

@@ -244,8 +244,8 @@ def item_prefix(adapter, *, variants: int, repeat: int) -> dict:
 # ------------------------------------------------------------------ item 6
 def item_suite(workdir: Path, *, n: int, epochs: int, max_examples: int | None) -> dict:
     from audit.dataset import Dataset
-    from audit.runner import RunSpec, resolve_probes, run_audit
-    from probes.base import get_probe
+    from audit.runner import RunSpec, run_audit
+    from probes.base import resolve_names
     from reference_models.synthetic import generate
     from reference_models.train import train_reference
 
@@ -256,21 +256,17 @@ def item_suite(workdir: Path, *, n: int, epochs: int, max_examples: int | None) 
     if not (model / "eval.json").exists():
         train_reference(arch="llava", preset="tiny", variant="biased", data_dir=data, out_dir=model, epochs=epochs, progress=False)
     train_s = time.perf_counter() - t0
-    names, _ = resolve_probes(suite="standard", probes=None)
+    names, _ = resolve_names(suite="standard")
     adapter = load_adapter(model)
     ds = Dataset.load(data).audit_split()
     out = workdir / f"suite-run-{time.time_ns()}"
     spec = RunSpec(model=str(model), data=str(data), probes=names, out=str(out), seed=0, suite="standard",
                    store=str(workdir / "bench.duckdb"), max_examples=max_examples)
     t0 = time.perf_counter()
-    run_audit(spec, adapter=adapter, data=ds, progress=False, log=lambda m: None)
+    summary = run_audit(spec, adapter=adapter, data=ds, progress=False, log=lambda m: None).summary
     wall = time.perf_counter() - t0
     # lower bound: the forward passes the suite's probes declare, at the plain batched speed
-    passes = 0.0
-    for name in names:
-        p = get_probe(name)
-        sel = p.select(ds)
-        passes += p.info.cost_per_example * min(len(sel), max_examples or len(sel))
+    passes = sum(p.get("declared_forward_passes") or 0.0 for p in summary["probes"].values())
     e = next(x for x in ds if x.image and x.choices)
     q = Query(e.prompt, ds.image(e), e.choices)
     per_pass = timeit(lambda: adapter.score([q] * 16, batch_size=16), repeat=3) / 16
