@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["probability", "positive_int", "positive_float", "seed"]
+__all__ = ["probability", "positive_int", "positive_float", "seed", "batch_size"]
 
 
 def _number(text: str, kind):
@@ -41,3 +41,8 @@ def seed(text: str) -> int:
     if not 0 <= value <= 2**32 - 1:
         raise argparse.ArgumentTypeError(f"must be between 0 and 4294967295, got {value}")
     return value
+
+
+def batch_size(text: str) -> int | str:
+    """A positive integer or `auto`."""
+    return "auto" if text == "auto" else positive_int(text)

@@ -5,7 +5,7 @@ Errors name the file and the field, e.g. `run.yaml: field 'seed': Input should b
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -26,14 +26,19 @@ class RunConfig(BaseModel):
     suite: Literal["quick", "standard", "full"] | None = None
     probes: list[str] | None = None
     out: str | None = None
-    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    device: str = Field(default="cpu", pattern=r"^(cpu|cuda|cuda:\d+|auto)$")
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
     store: str | None = None
     on_error: Literal["stop", "skip"] = "stop"
-    batch_size: int = Field(default=16, ge=1)
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = 16
     max_examples: int | None = Field(default=None, ge=1)
     parent: str | None = None
     yes: bool = False
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    device_map: Literal["auto", "balanced", "sequential"] | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    allow_missing_weights: bool = False
 
     @model_validator(mode="after")
     def _one_source(self) -> "RunConfig":

@@ -11,14 +11,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from audit.argtypes import positive_int, seed
+from audit.argtypes import batch_size, positive_int, seed
 from audit.errors import InputError
 
 __all__ = ["add_commands", "cmd_run", "RUN_DEFAULTS", "resolve_run_options"]
 
 RUN_DEFAULTS = {"model": None, "endpoint": None, "data": None, "suite": None, "probes": None, "out": None,
                 "device": "cpu", "seed": 0, "store": None, "on_error": "stop", "batch_size": 16,
-                "max_examples": None, "parent": None, "yes": False}
+                "max_examples": None, "parent": None, "yes": False, "dtype": "auto", "device_map": None,
+                "revision": None, "trust_remote_code": False, "allow_missing_weights": False}
 CONFIRM_SECONDS = 600  # ask before an interactive run estimated to take longer than this
 
 
@@ -33,7 +34,8 @@ def add_commands(sub) -> None:
                                    "command resumes an interrupted run.",
                        argument_default=argparse.SUPPRESS)
     src = r.add_mutually_exclusive_group()
-    src.add_argument("--model", metavar="MODEL_DIR", help="Hugging Face model folder to audit (white box)")
+    src.add_argument("--model", metavar="MODEL", help="Hugging Face model folder, or a Hub id org/name resolved "
+                                                      "through the local cache (white box)")
     src.add_argument("--endpoint", metavar="URL",
                      help="OpenAI-compatible server to audit as a black box (e.g. http://127.0.0.1:8000)")
     r.add_argument("--data", metavar="DATA_DIR", help="dataset folder with manifest.jsonl (docs/format.md)")
@@ -42,12 +44,22 @@ def add_commands(sub) -> None:
                        help="named list of probes (see the README's probe table)")
     which.add_argument("--probes", metavar="NAME[,NAME...]", help="comma-separated probe names")
     r.add_argument("--out", metavar="RUN_DIR", help="where the run is written (new, or an unfinished run to resume)")
-    r.add_argument("--device", choices=("cpu", "cuda", "auto"), help="where the model runs (default cpu)")
+    r.add_argument("--device", metavar="{cpu,cuda,cuda:N,auto}", help="where the model runs (default cpu)")
+    r.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"),
+                   help="weights' dtype (default auto: the checkpoint's; bfloat16 on a GPU when it says float32)")
+    r.add_argument("--device-map", choices=("auto", "balanced", "sequential"),
+                   help="spread a model too large for one GPU over several (accelerate)")
+    r.add_argument("--revision", metavar="REV", help="branch, tag or commit of a Hub id")
+    r.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the model's own Python code to run (off by default; recorded in the report)")
+    r.add_argument("--allow-missing-weights", action="store_true",
+                   help="audit even if some weights are missing or unexpected (recorded; never do this for a release)")
     r.add_argument("--seed", type=seed, help="seed of every random choice in the audit (default 0)")
     r.add_argument("--store", metavar="DB_PATH", help="DuckDB store (default $MMAUDIT_STORE or ~/.mmaudit/store.duckdb)")
     r.add_argument("--config", metavar="CONFIG.yaml", help="YAML file with any of these options; flags override it")
     r.add_argument("--on-error", choices=("stop", "skip"), help="bad manifest lines: stop (default) or skip them")
-    r.add_argument("--batch-size", type=positive_int, help="queries per forward pass in every probe (default 16)")
+    r.add_argument("--batch-size", type=batch_size, metavar="{N,auto}",
+                   help="queries per forward pass in every probe (default 16; auto: the largest that fits)")
     r.add_argument("--max-examples", type=positive_int,
                    help="audit at most this many examples per probe (the run says which probes were capped)")
     r.add_argument("--parent", metavar="RUN_DIR", help="an earlier run this one re-audits (lineage in the store and "
@@ -87,6 +99,19 @@ def resolve_run_options(args: argparse.Namespace) -> dict:
     return opts
 
 
+def _model_findings(info: dict) -> list[dict]:
+    out = []
+    if info.get("trust_remote_code"):
+        out.append({"probe": "run", "severity": "warning", "message": "the model was loaded with --trust-remote-code: "
+                    "its own Python code ran inside the audit; the audited behaviour depends on that code"})
+    if info.get("weights_not_loaded"):
+        n = sum(len(v) for v in info["weights_not_loaded"].values())
+        out.append({"probe": "run", "severity": "fail", "message": f"{n} weight tensor(s) did not match the "
+                    "checkpoint and were freshly initialised (--allow-missing-weights): this audit does not describe "
+                    "the released model"})
+    return out
+
+
 def _parent_run_id(parent: str | None) -> str | None:
     if not parent:
         return None
@@ -96,7 +121,7 @@ def _parent_run_id(parent: str | None) -> str | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from audit.adapters import load_adapter
+    from audit.adapters.loading import load_model
     from audit.dataset import Dataset
     from audit.runner import RunSpec, run_audit
     from probes.base import probe_class, resolve_names
@@ -115,14 +140,28 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise InputError("the manifest has no examples", where=str(data.path / "manifest.jsonl"))
     data = data.audit_split()
     model = opts["model"] or opts["endpoint"]
-    if opts["model"]:
+    if opts["model"] and Path(model).expanduser().is_dir():
         model = str(Path(model).expanduser().resolve())
-    adapter = load_adapter(model, device=opts["device"])
+    if opts["endpoint"] and any(opts[k] for k in ("device_map", "revision", "trust_remote_code")):
+        raise InputError("--device-map, --revision and --trust-remote-code apply to --model only", where="mmaudit run")
+    parent = _parent_run_id(opts["parent"])
+    adapter, model_info = load_model(model, device=opts["device"], dtype=opts["dtype"], device_map=opts["device_map"],
+                                     revision=opts["revision"], trust_remote_code=opts["trust_remote_code"],
+                                     allow_missing_weights=opts["allow_missing_weights"])
+    pre += _model_findings(model_info)
     try:
+        size = opts["batch_size"]
+        if size == "auto":
+            from audit.batching import auto_batch_size
+
+            size = auto_batch_size(adapter, data)
+            _err(f"--batch-size auto: {size}")
         spec = RunSpec(model=model, data=str(data.path), probes=names, out=str(Path(opts["out"]).absolute()),
-                       seed=opts["seed"], device=adapter.device, batch_size=opts["batch_size"],
+                       seed=opts["seed"], device=adapter.device, batch_size=size,
                        max_examples=opts["max_examples"], suite=opts["suite"], store=opts["store"],
-                       parent_run_id=_parent_run_id(opts["parent"]))
+                       parent_run_id=parent, model_info=model_info,
+                       extra={"dtype": model_info.get("dtype"), "device_map": opts["device_map"],
+                              "batch_size_requested": opts["batch_size"]})
         result = run_audit(spec, adapter=adapter, data=data, log=_err, pre_findings=pre,
                            confirm=None if opts["yes"] else _ask)
     finally:

@@ -1,4 +1,12 @@
-"""Open a model directory (or an endpoint URL) as the right adapter, offline and safely."""
+"""Open a model (local folder, Hub id or endpoint URL) as the right adapter, offline and safely.
+
+`load_model` resolves the source (audit.adapters.source), checks every safetensors file's
+header, picks the dtype and device placement, loads through the family's transformers
+auto class, and refuses a checkpoint whose weights do not match its architecture (missing,
+unexpected or mis-shaped tensors would otherwise be freshly initialised and the audit would
+run on a random model) unless `allow_missing_weights` says otherwise. It returns the adapter
+and what `summary.json` records about the model (identity, dtype, device map, revision).
+"""
 from __future__ import annotations
 
 import json
@@ -6,37 +14,92 @@ from pathlib import Path
 
 from audit.adapters.base import ModelAdapter
 from audit.adapters.families import families, family_of
+from audit.adapters.source import check_safetensors, model_identity, resolve_source
 from audit.errors import InputError, UnsupportedError
 
-__all__ = ["load_adapter", "load_processor", "make_adapter", "resolve_device", "without_video"]
+__all__ = ["load_adapter", "load_model", "load_processor", "make_adapter", "resolve_device", "resolve_dtype",
+           "without_video", "DTYPES", "DEVICE_MAPS"]
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+DEVICE_MAPS = ("auto", "balanced", "sequential")
 
 
 def resolve_device(device: str | None) -> str:
     import torch
 
-    if device in (None, "auto"):
+    device = device or "cpu"
+    if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("CUDA was asked for but no GPU is visible", where="--device")
-    if device not in ("cpu", "cuda"):
-        raise InputError(f"unknown device {device!r}", where="--device")
-    return device
+    if device == "cpu":
+        return device
+    if device == "cuda" or device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise InputError("CUDA was asked for but no GPU is visible", where="--device")
+        if device.startswith("cuda:"):
+            index = device.split(":", 1)[1]
+            if not index.isdigit() or int(index) >= torch.cuda.device_count():
+                raise InputError(f"no GPU {index!r}: {torch.cuda.device_count()} visible", where="--device")
+        return device
+    raise InputError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto", where="--device")
 
 
-def load_adapter(model: str | Path, *, device: str | None = "cpu", dtype=None, trust_remote_code: bool = False) -> ModelAdapter:
-    """A white-box adapter for a local HF folder, or a black-box one for an http(s) URL."""
+def _checkpoint_dtype(config: dict) -> str | None:
+    for cfg in (config, config.get("text_config") or {}):
+        value = cfg.get("dtype") or cfg.get("torch_dtype")
+        if isinstance(value, str):
+            return value.replace("torch.", "")
+    return None
+
+
+def resolve_dtype(dtype: str | None, *, config: dict, device: str):
+    """The torch dtype to load in: `auto` keeps the checkpoint's, except float32 on a GPU -> bfloat16."""
+    import torch
+
+    name = dtype or "auto"
+    if name not in DTYPES:
+        raise InputError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}", where="--dtype")
+    if name == "auto":
+        name = _checkpoint_dtype(config) or "float32"
+        if name == "float32" and device.startswith("cuda"):
+            name = "bfloat16"
+    if name not in ("bfloat16", "float16", "float32"):
+        raise InputError(f"the checkpoint's dtype {name!r} is not supported; give --dtype", where="--dtype")
+    if name == "bfloat16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+        raise InputError("this GPU cannot run bfloat16; use --dtype float16", where="--dtype")
+    return getattr(torch, name)
+
+
+def load_adapter(model: str | Path, **options) -> ModelAdapter:
+    """The adapter alone (see `load_model` for the options)."""
+    return load_model(model, **options)[0]
+
+
+def load_model(model: str | Path, *, device: str | None = "cpu", dtype: str | None = None,
+               device_map: str | None = None, revision: str | None = None, trust_remote_code: bool = False,
+               allow_missing_weights: bool = False, endpoint_options: dict | None = None) -> tuple[ModelAdapter, dict]:
+    """(adapter, model record for summary.json) for a local folder, a Hub id or an http(s) URL."""
     if str(model).startswith(("http://", "https://")):
+        import hashlib
+
         from audit.adapters.endpoint import EndpointAdapter
 
-        return EndpointAdapter(str(model))
-    path = Path(model)
+        adapter = EndpointAdapter(str(model), **(endpoint_options or {}))
+        name = getattr(adapter, "model_name", "")
+        ident = hashlib.sha256(f"{model}|{name}".encode()).hexdigest()
+        return adapter, {"identity": ident, "endpoint_model": name}
+    source = resolve_source(str(model), revision=revision, trust_remote_code=trust_remote_code)
+    path = source.path
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise InputError("not a Hugging Face model folder (no config.json)", where=str(path))
     try:
-        model_type = json.loads(cfg_path.read_text())["model_type"]
-    except (json.JSONDecodeError, KeyError) as exc:
-        raise InputError(f"config.json is unreadable or has no model_type ({exc})", where=str(cfg_path)) from exc
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+        model_type = config["model_type"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise InputError(f"config.json is unreadable or has no model_type ({type(exc).__name__})",
+                         where=str(cfg_path)) from exc
+    if not isinstance(model_type, str):
+        raise InputError("config.json's model_type is not a string", where=str(cfg_path))
     family = family_of(model_type)
     if family is None:
         known = ", ".join(sorted(families()))
@@ -44,22 +107,50 @@ def load_adapter(model: str | Path, *, device: str | None = "cpu", dtype=None, t
     why = family.unavailable_reason()
     if why:
         raise UnsupportedError(why, where=str(cfg_path))
-    if not any(path.glob("*.safetensors")):
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
         # Never fall back to pickled .bin weights: unpickling runs arbitrary code.
         raise InputError("no safetensors weights found (pickled .bin weights are refused)", where=str(path))
+    for w in weights:
+        check_safetensors(w)
+    if device_map is not None and device_map not in DEVICE_MAPS:
+        raise InputError(f"unknown device map {device_map!r}; choose one of {', '.join(DEVICE_MAPS)}",
+                         where="--device-map")
     device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, config=config, device=device)
 
     import transformers
 
     processor = load_processor(path, model_type=model_type, trust_remote_code=trust_remote_code)
-    kwargs = dict(use_safetensors=True, trust_remote_code=trust_remote_code)
-    if dtype is not None:
-        kwargs["dtype"] = dtype
-    auto = getattr(transformers, family.auto_class)
+    kwargs = dict(use_safetensors=True, trust_remote_code=trust_remote_code, dtype=torch_dtype,
+                  output_loading_info=True)
     if family.kind == "generative":
         kwargs["attn_implementation"] = "sdpa"
-    net = auto.from_pretrained(path, **kwargs).to(device)
-    return make_adapter(net, processor, family=family, device=device)
+    if device_map is not None:
+        kwargs["device_map"] = device_map  # accelerate places the layers; hooks move activations between devices
+    auto = getattr(transformers, family.auto_class)
+    try:
+        net, info = auto.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, RuntimeError) as exc:
+        msg = " ".join(str(exc).split())[:300]
+        raise InputError(f"the checkpoint does not load ({type(exc).__name__}: {msg})", where=str(path)) from exc
+    problems = {k: sorted(info.get(k) or ()) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    problems = {k: v for k, v in problems.items() if v}
+    if problems and not allow_missing_weights:
+        detail = "; ".join(f"{len(v)} {k.replace('_', ' ')} (e.g. {v[0]})" for k, v in problems.items())
+        raise InputError(f"the weights do not match the architecture: {detail}. Loading anyway would audit freshly "
+                         "initialised weights; pass --allow-missing-weights to do it on purpose", where=str(path))
+    if device_map is None:
+        net = net.to(device)
+    else:
+        first = next(net.parameters()).device
+        device = str(first)
+    adapter = make_adapter(net, processor, family=family, device=device)
+    record = {"identity": model_identity(source), "dtype": str(torch_dtype).replace("torch.", ""),
+              "device_map": device_map, "hub_id": source.hub_id, "revision": source.revision,
+              "commit": source.commit, "trust_remote_code": trust_remote_code,
+              "weights_not_loaded": problems or None}
+    return adapter, record
 
 
 def make_adapter(net, processor, *, family, device: str) -> ModelAdapter:
