@@ -1,56 +1,92 @@
 """`mm_shap`: each modality's share of the Shapley attribution (Parcalabescu & Frank 2023).
 
-Players are the prompt's words and a g×g grid of image patch groups. A coalition keeps its
-players and masks the rest (words become "_", patches become mid-grey). The value of a
-coalition is the log-probability of the answer the model gives on the intact input
-(generative) or its matching score (dual encoder). Shapley values are estimated by
-antithetic permutation sampling (each permutation and its reverse); every coalition of a
-permutation is one batched forward. MM-SHAP's shares are
-    v_shap = Σ|φ_image| / (Σ|φ_image| + Σ|φ_text|),  t_shap = 1 − v_shap,
-and the sampling error reported with each value is the standard error of v_shap over the
-sampled permutation pairs.
+Players are the prompt's words and a g x g grid of image patches. As in the MM-SHAP
+reference code, the grid balances the two modalities: g = ceil(sqrt(number of words)),
+at least 2 (so an image is never a single player), i.e. about as many patches as words.
+A coalition keeps its players and masks the rest (words become "_", patches mid-grey). The
+value of a coalition is the model's score of the answer (the reference answer, else the
+intact input's choice): its log-probability (generative) or matching score (dual encoder).
+
+Shapley values are estimated by antithetic permutation sampling (each permutation and its
+reverse); the distinct coalitions of one example are scored together, `batch_size` at a
+time. MM-SHAP's shares are
+    v_shap = sum|phi_image| / (sum|phi_image| + sum|phi_text|),  t_shap = 1 - v_shap.
+Sampling error: the antithetic pairs are independent draws, so each player's `shapley_se`
+is the standard error of its per-pair estimates, and `v_shap_se` is the jackknife (leave
+one pair out) standard error of v_shap, the ratio the probe reports. An example whose
+answer score depends on no player has no shares (0/0) and writes no rows.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-
+import math
 import zlib
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
 from audit.adapters.base import ModelAdapter, Query
-from audit.dataset import Dataset
-from probes.base import METRIC_COLUMNS, Probe, ProbeInfo, bootstrap_ci, register, rows_frame
+from audit.catalog import CATALOG
+from audit.dataset import Example
+from audit.stats import mean_ci, seed_for
+from probes.base import Probe, Unit, metrics_frame, register, rows_frame
 
-GRID = 4
 PERMUTATION_PAIRS = 4
 MASK_WORD = "_"
+MIN_GRID = 2
 
 
-def shapley_permutations(value: Callable[[Sequence[np.ndarray]], np.ndarray], n_players: int, *,
-                         pairs: int, rng: np.random.Generator) -> np.ndarray:
-    """Per-permutation Shapley estimates, shape [2·pairs, n_players].
+def grid_side(n_text: int) -> int:
+    """Patches per side: ceil(sqrt(words)), at least MIN_GRID (MM-SHAP's balance of players)."""
+    return max(MIN_GRID, math.ceil(math.sqrt(n_text)))
 
-    `value` maps a list of boolean coalition masks to their values (one batched call per
-    permutation). Averaging the rows gives the estimate; with 2 players and one antithetic
-    pair it is exact.
-    """
-    out = []
+
+def permutation_chains(n_players: int, *, pairs: int, rng: np.random.Generator):
+    """The 2·pairs antithetic permutations, their distinct prefix coalitions, and per
+    permutation the indices of its n_players + 1 coalitions in that list."""
+    perms = []
     for _ in range(pairs):
         order = rng.permutation(n_players)
-        for perm in (order, order[::-1]):
-            masks = [np.zeros(n_players, dtype=bool)]
-            for p in perm:
-                m = masks[-1].copy()
-                m[p] = True
+        perms += [order, order[::-1]]
+    masks: list[np.ndarray] = []
+    index: dict[bytes, int] = {}
+    chains = []
+    for perm in perms:
+        m = np.zeros(n_players, dtype=bool)
+        chain = []
+        for step in range(n_players + 1):
+            if step:
+                m = m.copy()
+                m[perm[step - 1]] = True
+            key = m.tobytes()
+            if key not in index:
+                index[key] = len(masks)
                 masks.append(m)
-            v = np.asarray(value(masks), dtype=np.float64)
-            phi = np.empty(n_players)
-            phi[perm] = np.diff(v)
-            out.append(phi)
-    return np.array(out)
+            chain.append(index[key])
+        chains.append(chain)
+    return perms, masks, chains
+
+
+def shapley_permutations(value: Callable[[Sequence[np.ndarray]], Sequence[float]], n_players: int, *,
+                         pairs: int, rng: np.random.Generator) -> np.ndarray:
+    """Per-permutation Shapley estimates, shape [2·pairs, n_players] (rows 2k, 2k+1: pair k).
+
+    `value` maps a list of boolean coalition masks to their values; it is called once with
+    every distinct coalition. Averaging the rows gives the estimate; with 2 players and one
+    antithetic pair it is exact.
+    """
+    perms, masks, chains = permutation_chains(n_players, pairs=pairs, rng=rng)
+    v = np.asarray(value(masks), dtype=np.float64)
+    out = np.empty((len(perms), n_players))
+    for r, (perm, chain) in enumerate(zip(perms, chains)):
+        out[r, perm] = np.diff(v[chain])
+    return out
+
+
+def distinct_coalitions_bound(n_players: int, pairs: int) -> int:
+    """At most the empty and full coalitions plus n_players - 1 new ones per permutation."""
+    return 2 + 2 * pairs * max(n_players - 1, 0)
 
 
 def modality_shares(phi: np.ndarray, n_text: int) -> tuple[float, float]:
@@ -58,6 +94,21 @@ def modality_shares(phi: np.ndarray, n_text: int) -> tuple[float, float]:
     total = t + v
     with np.errstate(invalid="ignore", divide="ignore"):
         return v / total, t / total
+
+
+def sampling_errors(phi: np.ndarray, n_text: int) -> tuple[np.ndarray, float]:
+    """(standard error per player, jackknife standard error of v_shap) over antithetic pairs."""
+    pairs = phi.shape[0] // 2
+    if pairs < 2:
+        return np.full(phi.shape[1], np.nan), float("nan")
+    per_pair = phi.reshape(pairs, 2, -1).mean(1)
+    se_player = per_pair.std(axis=0, ddof=1) / np.sqrt(pairs)
+    loo = (per_pair.sum(0)[None] - per_pair) / (pairs - 1)  # estimate without pair j
+    v_loo = modality_shares(loo, n_text)[0]
+    if not np.all(np.isfinite(v_loo)):
+        return se_player, float("nan")
+    se_v = float(np.sqrt((pairs - 1) / pairs * ((v_loo - v_loo.mean()) ** 2).sum()))
+    return se_player, se_v
 
 
 def mask_image(img: Image.Image, keep: np.ndarray, grid: int) -> Image.Image:
@@ -70,65 +121,82 @@ def mask_image(img: Image.Image, keep: np.ndarray, grid: int) -> Image.Image:
     return Image.fromarray(arr)
 
 
+def _target(example: Example, cands: tuple[str, ...]) -> int | None:
+    """Index of the reference answer among the candidates (None: take the model's choice)."""
+    return cands.index(example.answer) if example.answer in cands else None
+
+
 @register
 class MMShap(Probe):
-    info = ProbeInfo(
-        name="mm_shap",
-        category="interpretability",
-        description="Shares of Shapley attribution carried by the image (v_shap) and the text (t_shap); "
-                    "they sum to 1.",
-        citation="Parcalabescu & Frank 2023, MM-SHAP: A Performance-agnostic Metric for Measuring Multimodal "
-                 "Contributions in Vision and Language Models & Tasks (ACL)",
-        cost_per_example=2 * PERMUTATION_PAIRS * (GRID * GRID + 10),
-        metrics=("v_shap", "t_shap"),
-    )
+    spec = CATALOG["mm_shap"]
     unit_size = 8
 
-    def run(self, adapter: ModelAdapter, data: Dataset, *, seed: int) -> pd.DataFrame:
-        records = []
-        for e in data:
+    def __init__(self, *, batch_size: int = 16, pairs: int = PERMUTATION_PAIRS) -> None:
+        """`pairs`: antithetic permutation pairs per example (>= 2, to estimate the sampling error)."""
+        super().__init__(batch_size=batch_size)
+        if pairs < 2:
+            raise ValueError("pairs must be >= 2 (one pair leaves no sampling error)")
+        self.pairs = pairs
+
+    def cost_of(self, adapter: ModelAdapter, examples: Sequence[Example]) -> float:
+        total = 0
+        for e in examples:
+            n_text = len(e.prompt.split())
+            total += distinct_coalitions_bound(n_text + grid_side(n_text) ** 2, self.pairs)
+            total += _target(e, tuple(e.choices or (e.answer,))) is None  # the intact input, scored once
+        return float(total)
+
+    def run(self, adapter: ModelAdapter, unit: Unit, *, seed: int) -> pd.DataFrame:
+        data = unit.dataset()
+        records: list[dict] = []
+        for e in unit.examples:
             # per-example stream: an example's estimate does not depend on its neighbours
             rng = np.random.default_rng([seed, zlib.crc32(e.id.encode())])
-            img = data.image(e)
-            cands = tuple(e.choices or (e.answer,))
-            base = adapter.score([Query(e.prompt, img, cands)])[0]
-            target = int(np.argmax(base)) if e.answer is None or e.answer not in cands else cands.index(e.answer)
-            words = e.prompt.split()
-            n_text = len(words)
-
-            def value(masks, words=words, img=img, cands=cands, target=target, n_text=n_text):
-                qs = [Query(" ".join(w if m else MASK_WORD for w, m in zip(words, mask[:n_text])),
-                            mask_image(img, mask[n_text:], GRID), cands) for mask in masks]
-                return [s[target] for s in adapter.score(qs, batch_size=len(qs))]
-
-            phi = shapley_permutations(value, n_text + GRID * GRID, pairs=PERMUTATION_PAIRS, rng=rng)
-            v, t = modality_shares(phi, n_text)
-            est = phi.mean(0)
-            v_hat, t_hat = modality_shares(est, n_text)
-            if not np.isfinite(v_hat):
-                continue  # the answer's value does not depend on any player: shares undefined
-            pair_v = np.nanmean(v.reshape(PERMUTATION_PAIRS, 2), axis=1)
-            se = float(np.nanstd(pair_v, ddof=1) / np.sqrt(PERMUTATION_PAIRS)) if PERMUTATION_PAIRS > 1 else float("nan")
-            name = self.info.name
-            records += [dict(probe=name, metric="v_shap", value=float(v_hat), example_id=e.id, group=None, site=None, variant=None),
-                        dict(probe=name, metric="t_shap", value=float(t_hat), example_id=e.id, group=None, site=None, variant=None),
-                        dict(probe=name, metric="v_shap_se", value=se, example_id=e.id, group=None, site=None, variant=None)]
-            records += [dict(probe=name, metric="shapley", value=float(x), example_id=e.id,
-                             group="text" if k < n_text else "image", site=None,
-                             variant=f"word:{k}" if k < n_text else f"patch:{(k - n_text) // GRID},{(k - n_text) % GRID}")
-                        for k, x in enumerate(est)]
+            records += self._example(adapter, e, data.image(e), rng)
         return rows_frame(records)
 
+    def _example(self, adapter, e: Example, img: Image.Image, rng) -> list[dict]:
+        cands = tuple(e.choices or (e.answer,))
+        target = _target(e, cands)
+        if target is None:
+            target = int(np.argmax(adapter.score([Query(e.prompt, img, cands)], batch_size=self.batch_size)[0]))
+        words = e.prompt.split()
+        n_text, grid = len(words), grid_side(len(words))
+
+        def value(masks):
+            qs = [Query(" ".join(w if m else MASK_WORD for w, m in zip(words, mask[:n_text])),
+                        mask_image(img, mask[n_text:], grid), cands) for mask in masks]
+            return [s[target] for s in adapter.score(qs, batch_size=self.batch_size)]
+
+        phi = shapley_permutations(value, n_text + grid * grid, pairs=self.pairs, rng=rng)
+        est = phi.mean(0)
+        v_hat, t_hat = modality_shares(est, n_text)
+        if not np.isfinite(v_hat):
+            return []  # the answer's score depends on no player: shares undefined
+        se_player, se_v = sampling_errors(phi, n_text)
+        name = self.name
+        records = [dict(probe=name, metric="v_shap", value=float(v_hat), example_id=e.id, modality="image"),
+                   dict(probe=name, metric="t_shap", value=float(t_hat), example_id=e.id, modality="text"),
+                   dict(probe=name, metric="v_shap_se", value=se_v, example_id=e.id, modality="image")]
+        for k, (x, se) in enumerate(zip(est, se_player)):
+            where = (dict(modality="text", token_index=k, token=words[k]) if k < n_text else
+                     dict(modality="image", grid_row=(k - n_text) // grid, grid_col=(k - n_text) % grid))
+            records += [dict(probe=name, metric="shapley", value=float(x), example_id=e.id, **where),
+                        dict(probe=name, metric="shapley_se", value=float(se), example_id=e.id, **where)]
+        return records
+
     def summarize(self, rows: pd.DataFrame, *, seed: int) -> pd.DataFrame:
-        out = []
-        for metric in ("v_shap", "t_shap"):
+        out: list[dict] = []
+        name = self.name
+        for metric, modality in (("v_shap", "image"), ("t_shap", "text")):
             v = rows[rows.metric == metric].sort_values("example_id").value
             if v.empty:
                 continue
-            lo, hi = bootstrap_ci(v.values, seed=seed)
-            out.append((self.info.name, metric, float(v.mean()), lo, hi, None, int(v.size)))
-        se = rows[rows.metric == "v_shap_se"].value.dropna()
-        if not se.empty:  # sampling error of the mean share: per-example errors combined
-            out.append((self.info.name, "v_shap_sampling_se", float(np.sqrt((se ** 2).sum()) / len(se)),
-                        None, None, None, int(se.size)))
-        return pd.DataFrame(out, columns=METRIC_COLUMNS)
+            lo, hi = mean_ci(v.values, seed=seed_for(seed, name, metric), bounds=(0.0, 1.0))
+            out.append(dict(probe=name, metric=metric, value=float(v.mean()), ci_low=lo, ci_high=hi,
+                            n=int(v.size), modality=modality, scope="overall"))
+        se = rows[rows.metric == "v_shap_se"].value
+        if not se.empty and se.notna().all():  # the mean over examples: independent errors combine
+            out.append(dict(probe=name, metric="v_shap_sampling_se", value=float(np.sqrt((se ** 2).sum()) / len(se)),
+                            n=int(se.size), modality="image", scope="overall"))
+        return metrics_frame(out)
