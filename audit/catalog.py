@@ -144,7 +144,8 @@ _BUILTIN = (
         )),
     ProbeSpec(
         name="attention_knockout", title="Attention knockout", category="interpretability",
-        description="Relative change of the answer probability when attention edges between image, question "
+        description="Relative change of the answer probability when attention edges between image, question, "
+                    "template (BOS, roles, image boundaries: the attention sink, reported apart as special->last) "
                     "and last positions are blocked in a window of layers.",
         citation="Zhang et al. 2025, Cross-modal Information Flow in Multimodal Large Language Models (CVPR)",
         suites=(_FULL,), section="interpretability", page="attention",
@@ -154,9 +155,9 @@ _BUILTIN = (
         metrics=(
             _m("max_effect", "Largest knockout effect", "Largest relative change of the answer probability over "
                "layer windows when the block pair's attention edges are cut; -1 means the answer vanishes.",
-               unit="ratio", dims=("position_group",), headline=True),
+               unit="ratio", dims=("position_group", "layer", "layer_end"), headline=True),
             _m("effect", "Knockout effect per window", "Relative change of the answer probability per window of "
-               "layers.", unit="ratio", dims=("position_group", "layer")),
+               "layers.", unit="ratio", dims=("position_group", "layer", "layer_end")),
         )),
     ProbeSpec(
         name="mm_shap", title="MM-SHAP", category="interpretability",

@@ -2,11 +2,11 @@
 
 - `proportion_ci`: Wilson (default) or Clopper-Pearson ("exact") interval of k/n
   (`scipy.stats.binomtest(...).proportion_ci`); never zero width: 0/20 -> [0, 0.161] (Wilson).
-- `mean_ci`: interval of a mean. 0/1 data -> `proportion_ci`; values on a bounded scale
-  that all sit at one end (a blind model's image reliance: every value 0) -> the exact
-  bound P(value > 0) <= Clopper-Pearson upper limit, times the scale's width; otherwise a
-  seeded BCa bootstrap (`scipy.stats.bootstrap`). Every value equal on an unbounded scale
-  has no honest interval: (nan, nan).
+- `mean_ci`: interval of a mean. 0/1 data on the unit scale (bounds=(0, 1)) ->
+  `proportion_ci`; values on a bounded scale that all sit at one end (a blind model's image
+  reliance: every value 0) -> the exact bound P(value > 0) <= Clopper-Pearson upper limit,
+  times the scale's width; otherwise a seeded BCa bootstrap (`scipy.stats.bootstrap`).
+  Every value equal on an unbounded scale has no honest interval: (nan, nan).
 - `sign_flip_test`: paired permutation test of one or several differences per set
   (`scipy.stats.permutation_test`, permutation_type="samples"; exact when the 2^n sign
   patterns fit the budget, Monte Carlo with the +1 correction otherwise, so p is never 0).
@@ -75,14 +75,12 @@ def mean_ci(values, *, seed: int, level: float = LEVEL, bounds: tuple[float, flo
     v = v[np.isfinite(v)]
     if v.size == 0:
         return NAN2
-    if bounds is not None and np.all(v == v[0]):
-        got = _bounded_degenerate(v, bounds, level)
-        if got is not None:
-            return got
-    if np.all((v == 0) | (v == 1)):
-        return proportion_ci(int(v.sum()), v.size, level=level)
+    unit_scale = bounds is not None and tuple(bounds) == (0.0, 1.0)
+    if unit_scale and np.all((v == 0) | (v == 1)):
+        return proportion_ci(int(v.sum()), v.size, level=level)  # a proportion: Wilson
     if np.all(v == v[0]):
-        return NAN2
+        got = _bounded_degenerate(v, bounds, level) if bounds is not None else None
+        return got if got is not None else NAN2
     if v.size < 3:
         return NAN2
     rng = np.random.default_rng(seed)

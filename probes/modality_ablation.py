@@ -154,7 +154,7 @@ class ModalityAblation(Probe):
         for (modality, variant), g in correct.groupby([correct.modality.fillna("none"), "variant"], sort=True):
             if variant == "permuted":
                 continue
-            lo, hi = mean_ci(g.value.values, seed=seed_for(seed, name, "acc", modality, variant))
+            lo, hi = mean_ci(g.value.values, seed=seed_for(seed, name, "acc", modality, variant), bounds=(0.0, 1.0))
             label = variant if modality == "none" else f"{modality}:{variant}"
             out.append(dict(probe=name, metric="accuracy", value=float(g.value.mean()), ci_low=lo, ci_high=hi,
                             group=label, n=int(len(g)), modality=None if modality == "none" else modality,

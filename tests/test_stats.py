@@ -88,9 +88,10 @@ def test_proportion_ci_known_values(k, n, method, low, high):
 
 
 def test_mean_ci_never_zero_width_on_small_samples():
-    assert stats.mean_ci(np.zeros(20), seed=0) == pytest.approx((0.0, 0.16112516))  # 0/1 data: Wilson
-    lo, hi = stats.mean_ci(np.zeros(20), seed=0, bounds=(0.0, 1.0))  # bounded scale, all at 0: exact bound
-    assert lo == 0.0 and hi == pytest.approx(1 - 0.025 ** (1 / 20))
+    assert stats.mean_ci(np.zeros(20), seed=0, bounds=(0.0, 1.0)) == pytest.approx((0.0, 0.16112516))  # Wilson
+    lo, hi = stats.mean_ci(np.zeros(20), seed=0, bounds=(0.0, 5.0))  # bounded scale, all at 0: exact bound
+    assert lo == 0.0 and hi == pytest.approx(5 * (1 - 0.025 ** (1 / 20)))
+    assert np.isnan(stats.mean_ci(np.ones(9), seed=0)[0])  # e.g. a ratio that is exactly 1 everywhere
     lo, hi = stats.mean_ci(np.ones(8) * 0.3, seed=0)  # unbounded scale, all equal: no honest interval
     assert np.isnan(lo) and np.isnan(hi)
 
