@@ -10,14 +10,19 @@ The policy is YAML (safe loader) validated by pydantic; an error names the file,
       - {probe: counterfactual_bias, metric: flip_rate, group: "*", max_increase: 0.02}
 
 `group` omitted means the overall row (group null); `group: "*"` checks every grouped row of
-that metric. `bound` picks which number is compared: `value` (default), `ci_low` or
-`ci_high` (the ends of the 95% interval; use `ci_high` with `max` to demand the whole
-interval below the limit).
+that metric. `group` is the label CONTRACT.md gives each metric row (the same in schema
+versions 1 and 2), matched exactly and never parsed. `bound` picks which number is compared:
+`value` (default), `ci_low` or `ci_high` (the ends of the 95% interval; use `ci_high` with
+`max` to demand the whole interval below the limit).
 
 Decisions: a metric named in the policy but absent from the run (or from the baseline) is a
 FAIL with the reason spelled out, because a gate that passes when the evidence is missing
 is no gate; a rule with `optional: true` is SKIPPED instead. A metric whose value is null
-(undefined, e.g. a ratio with a zero denominator) is treated the same way.
+(undefined, e.g. a ratio with a zero denominator) is treated the same way. Every limit in
+the policy must be a finite number: NaN compares false with everything and would let any
+value pass, so `.nan`, `.inf` or a string is a bad policy (exit 2, the field named).
+Several metric rows with the same label are each checked against a threshold; a regression
+needs exactly one on each side.
 Exit codes: 0 every rule passed or was skipped, 1 at least one failed, 2 bad input
 (unreadable or invalid policy, missing RUN_DIR/summary.json, regressions without --baseline).
 """
@@ -28,15 +33,16 @@ import difflib
 import json
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from audit.errors import InputError
 
-__all__ = ["Policy", "Threshold", "Regression", "SystemInfo", "load_policy", "load_summary", "evaluate",
-           "format_table", "cmd_gate", "ERR_NO_RULES", "ERR_NEEDS_BASELINE", "ERR_NO_SUMMARY"]
+__all__ = ["Policy", "Threshold", "Regression", "SystemInfo", "load_policy", "load_summary", "evaluate", "verdict",
+           "format_table", "cmd_gate", "ERR_NO_RULES", "ERR_NEEDS_BASELINE", "ERR_NO_SUMMARY", "ERR_NUMBER",
+           "SCHEMA_VERSIONS"]
 
 ERR_NO_RULES = "the policy has no 'thresholds' and no 'regressions'; nothing to gate"
 ERR_NEEDS_BASELINE = "the policy has {n} regression rule(s); give --baseline RUN_DIR to compare against"
@@ -44,7 +50,20 @@ ERR_NO_SUMMARY = "no summary.json here (expected a RUN_DIR written by `mmaudit r
 ERR_BOUNDS = "give 'min', 'max' or both"
 ERR_ORDER = "'min' ({lo}) is greater than 'max' ({hi})"
 ERR_REG = "give 'max_increase', 'max_decrease' or both"
+ERR_NUMBER = "must be a finite number, got {value!r}"
+ERR_VERSION = "unsupported schema_version {version!r} (this mmaudit reads 1 and 2)"
+SCHEMA_VERSIONS = (1, 2)
 EPS = 1e-12
+
+
+def _finite_number(value):
+    """Limits are numbers in the YAML itself: no strings ("0.1"), booleans, NaN or infinities."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(ERR_NUMBER.format(value=value))
+    return value
+
+
+Limit = Annotated[float, BeforeValidator(_finite_number)]
 
 
 class _Strict(BaseModel):
@@ -76,8 +95,8 @@ class _Rule(_Strict):
 
 
 class Threshold(_Rule):
-    min: float | None = None
-    max: float | None = None
+    min: Limit | None = None
+    max: Limit | None = None
     bound: Literal["value", "ci_low", "ci_high"] = "value"
 
     @model_validator(mode="after")
@@ -90,8 +109,8 @@ class Threshold(_Rule):
 
 
 class Regression(_Rule):
-    max_increase: float | None = Field(default=None, ge=0)
-    max_decrease: float | None = Field(default=None, ge=0)
+    max_increase: Limit | None = Field(default=None, ge=0)
+    max_decrease: Limit | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")
     def _limits(self) -> "Regression":
@@ -171,8 +190,9 @@ def load_summary(run_dir: str | Path, *, where: str | None = None) -> dict:
         raise InputError(f"unreadable summary.json ({exc})", where=str(f)) from exc
     if not isinstance(summary, dict) or not isinstance(summary.get("metrics"), list):
         raise InputError("summary.json has no 'metrics' list", where=str(f))
-    if summary.get("schema_version") != 1:
-        raise InputError(f"unsupported schema_version {summary.get('schema_version')!r} (expected 1)", where=str(f))
+    version = summary.get("schema_version")
+    if isinstance(version, bool) or version not in SCHEMA_VERSIONS:
+        raise InputError(ERR_VERSION.format(version=version), where=str(f))
     return summary
 
 
@@ -181,8 +201,19 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _index(summary: dict) -> dict[tuple, dict]:
-    return {(m.get("probe"), m.get("metric"), m.get("group")): m for m in summary.get("metrics", [])}
+def _index(summary: dict) -> dict[tuple, list[dict]]:
+    """(probe, metric, group label) -> its metric rows, read through audit.schema (any version)."""
+    import pandas as pd
+
+    from audit.schema import summary_metrics_frame
+
+    frame = summary_metrics_frame(summary)
+    out: dict[tuple, list[dict]] = {}
+    for r in frame.to_dict(orient="records"):
+        group = None if r["group"] is None or pd.isna(r["group"]) else str(r["group"])
+        row = {k: (float(r[k]) if _finite(r[k]) else None) for k in ("value", "ci_low", "ci_high")}
+        out.setdefault((str(r["probe"]), str(r["metric"]), group), []).append(row)
+    return out
 
 
 def _groups(index: dict, probe: str, metric: str) -> list[str]:
@@ -234,21 +265,22 @@ def _check_threshold(rule: Threshold, index: dict) -> list[dict]:
         return [_absent("threshold", rule, rule.group, _missing_reason(index, rule, rule.group, "run"))]
     out = []
     for g in groups:
-        row = index.get((rule.probe, rule.metric, g))
-        if row is None:
+        rows = index.get((rule.probe, rule.metric, g))
+        if not rows:
             out.append(_absent("threshold", rule, g, _missing_reason(index, rule, g, "run")))
             continue
-        v = row.get(rule.bound)
-        if not _finite(v):
-            out.append(_absent("threshold", rule, g, f"{rule.bound} is undefined (null) in the run"))
-            continue
-        bad = []
-        if rule.min is not None and v < rule.min - EPS:
-            bad.append(f"{v:.4g} < min {rule.min:g}")
-        if rule.max is not None and v > rule.max + EPS:
-            bad.append(f"{v:.4g} > max {rule.max:g}")
-        out.append(_result("threshold", rule, g, "fail" if bad else "pass", "; ".join(bad) or "within limits",
-                           value=v, limit=limit))
+        for row in rows:
+            v = row.get(rule.bound)
+            if not _finite(v):
+                out.append(_absent("threshold", rule, g, f"{rule.bound} is undefined (null) in the run"))
+                continue
+            bad = []
+            if rule.min is not None and v < rule.min - EPS:
+                bad.append(f"{v:.4g} < min {rule.min:g}")
+            if rule.max is not None and v > rule.max + EPS:
+                bad.append(f"{v:.4g} > max {rule.max:g}")
+            out.append(_result("threshold", rule, g, "fail" if bad else "pass", "; ".join(bad) or "within limits",
+                               value=v, limit=limit))
     return out
 
 
@@ -261,14 +293,17 @@ def _check_regression(rule: Regression, index: dict, base: dict) -> list[dict]:
     out = []
     for g in groups:
         cur, old = index.get((rule.probe, rule.metric, g)), base.get((rule.probe, rule.metric, g))
-        if cur is None:
+        if not cur:
             out.append(_absent("regression", rule, g, _missing_reason(index, rule, g, "run")))
-        elif old is None:
+        elif not old:
             out.append(_absent("regression", rule, g, _missing_reason(base, rule, g, "baseline")))
-        elif not (_finite(cur.get("value")) and _finite(old.get("value"))):
+        elif len(cur) > 1 or len(old) > 1:
+            out.append(_absent("regression", rule, g, f"{len(cur)} row(s) in the run and {len(old)} in the baseline "
+                                                      "carry this label; a regression compares exactly one of each"))
+        elif not (_finite(cur[0]["value"]) and _finite(old[0]["value"])):
             out.append(_absent("regression", rule, g, "value is undefined (null) in the run or the baseline"))
         else:
-            v, b = cur["value"], old["value"]
+            v, b = cur[0]["value"], old[0]["value"]
             d = v - b
             bad = []
             if rule.max_increase is not None and d > rule.max_increase + EPS:
@@ -281,7 +316,7 @@ def _check_regression(rule: Regression, index: dict, base: dict) -> list[dict]:
 
 
 def evaluate(policy: Policy, summary: dict, baseline: dict | None = None) -> list[dict]:
-    """One result per checked (rule, group): status pass | fail | skip, with the reason."""
+    """One result per checked (rule, group, row): status pass | fail | skip, kind threshold | regression."""
     index = _index(summary)
     results = [r for rule in policy.thresholds for r in _check_threshold(rule, index)]
     if baseline is not None:
@@ -299,9 +334,9 @@ def _fmt(x) -> str:
 
 
 def format_table(results: list[dict]) -> str:
-    header = ["status", "rule", "value", "baseline", "limit", "reason"]
-    rows = [[r["status"].upper(), r["rule"], _fmt(r["value"]), _fmt(r["baseline"]), r["limit"], r["reason"]]
-            for r in results]
+    header = ["status", "kind", "rule", "value", "baseline", "limit", "reason"]
+    rows = [[r["status"].upper(), r["kind"], r["rule"], _fmt(r["value"]), _fmt(r["baseline"]), r["limit"],
+             r["reason"]] for r in results]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     widths[-1] = 0  # the reason column is last and unpadded
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]

@@ -34,7 +34,10 @@ def add_commands(sub) -> None:
                                    "manifest and the EU AI Act / NIST AI RMF / Model Card mapping.")
     r.add_argument("run_dir", metavar="RUN_DIR")
     r.add_argument("--format", choices=("html", "pdf", "json"), default="html")
-    r.add_argument("--out", metavar="PATH", help="where to write (default RUN_DIR/report.<format>)")
+    r.add_argument("--out", metavar="PATH", help="where to write (default RUN_DIR/report.<format>); an existing file "
+                                              "is replaced only when it is an earlier mmaudit report")
+    r.add_argument("--force", action="store_true", help="replace an existing --out file that is not an mmaudit "
+                                                        "report (never the run's own files or the model/data folders)")
     r.add_argument("--policy", metavar="POLICY.yaml", help="targets to check and the system's declared identity")
     r.add_argument("--baseline", metavar="RUN_DIR", help="run to compare against (default: the parent run)")
     r.add_argument("--store", metavar="DB_PATH", help="store holding the parent run (default ~/.mmaudit/store.duckdb)")
@@ -62,7 +65,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from audit.report import build_report
 
     path = build_report(args.run_dir, args.format, out=args.out, store=args.store, baseline=args.baseline,
-                        policy=args.policy)
+                        policy=args.policy, force=args.force)
     print(f"wrote {path}")
     return 0
 

@@ -5,17 +5,23 @@ SQL and bound parameters. A run id is always one the store lists (`runs()`); it 
 used as a path. Images come from the data folder the store recorded for the run, through
 `audit.report.assets.resolve_image`, which refuses any path that leaves that folder.
 Cache keys include the store file's size and mtime, so new runs show up without a restart.
+
+Metrics and rows come back as typed schema-v2 frames (`audit.schema`) whatever wrote them:
+a store created by version 1 (no typed columns), a migrated store whose old runs have
+NULL typed columns, or a version-2 store. Each run is upgraded by its own schema version.
 Nothing here imports torch.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pandas as pd
 import streamlit as st
 
-from audit.report.assets import example_image, read_manifest
+from audit.report.assets import example_image, manifest_record, read_manifest
+from audit.schema import METRIC_BASE, METRIC_COLUMNS, metrics_frame, upgrade_metrics, upgrade_rows
 from audit.store import SCHEMA, default_store_path
 
 __all__ = ["store_path", "stamp", "runs", "run_row", "summary", "metrics", "all_metrics", "findings", "rows",
@@ -58,10 +64,26 @@ def _query(path: str, sql: str, params: tuple = ()) -> pd.DataFrame:
         con.close()
 
 
+def _version(column, recorded) -> int:
+    """A run's schema version: the runs column when set, else its summary's, else 1."""
+    for v in (column, recorded):
+        try:
+            if v is not None and not pd.isna(v):
+                return int(v)
+        except (TypeError, ValueError):
+            continue
+    return 1
+
+
 @st.cache_data(show_spinner=False, max_entries=32)
 def runs(path: str, key: tuple) -> pd.DataFrame:
-    return _query(path, "SELECT run_id, created, architecture, model_path, data_path, n_examples, seed, run_dir, "
-                        "parent_run_id, model_sha256, data_sha256 FROM runs ORDER BY created, run_id")
+    """Every stored run with its `schema_version` (version-1 stores have no such column)."""
+    df = _query(path, "SELECT * EXCLUDE (summary, config, environment), "
+                      "json_extract_string(summary, '$.schema_version') AS recorded_version "
+                      "FROM runs ORDER BY created, run_id")
+    column = df["schema_version"] if "schema_version" in df.columns else [None] * len(df)
+    df = df.assign(schema_version=[_version(c, r) for c, r in zip(column, df.recorded_version)])
+    return df.drop(columns=["recorded_version"])
 
 
 def run_row(path: str, key: tuple, run_id: str | None) -> dict | None:
@@ -73,10 +95,13 @@ def run_row(path: str, key: tuple, run_id: str | None) -> dict | None:
     return hit.iloc[0].to_dict() if len(hit) else None
 
 
+def _run_version(path: str, key: tuple, run_id: str) -> int:
+    row = run_row(path, key, run_id)
+    return int(row["schema_version"]) if row else 1
+
+
 @st.cache_data(show_spinner=False, max_entries=64)
 def summary(path: str, key: tuple, run_id: str) -> dict | None:
-    import json
-
     df = _query(path, "SELECT summary FROM runs WHERE run_id = ?", (run_id,))
     if df.empty:
         return None
@@ -86,21 +111,29 @@ def summary(path: str, key: tuple, run_id: str) -> dict | None:
         return None
 
 
+def _typed_metrics(df: pd.DataFrame, version: int) -> pd.DataFrame:
+    df = df.rename(columns={"grp": "group"})
+    if version < 2:
+        return upgrade_metrics(df.reindex(columns=METRIC_BASE))
+    return metrics_frame(df.reindex(columns=METRIC_COLUMNS).to_dict(orient="records"))
+
+
 @st.cache_data(show_spinner=False, max_entries=64)
 def metrics(path: str, key: tuple, run_id: str) -> pd.DataFrame:
-    df = _query(path, "SELECT probe, metric, grp AS \"group\", value, ci_low, ci_high, n FROM metrics "
-                      "WHERE run_id = ? ORDER BY probe, metric, grp NULLS FIRST", (run_id,))
-    return df
+    """The run's metric rows as a typed v2 frame."""
+    df = _query(path, "SELECT * FROM metrics WHERE run_id = ? ORDER BY probe, metric, grp NULLS FIRST", (run_id,))
+    return _typed_metrics(df, _run_version(path, key, run_id))
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def all_metrics(path: str, key: tuple, metric_names: tuple[str, ...] | None = None) -> pd.DataFrame:
-    """Metric rows of every run (optionally only some metric names), joined with run facts."""
-    sql = ("SELECT m.run_id, r.created, r.parent_run_id, m.probe, m.metric, m.grp AS \"group\", m.value, m.ci_low, "
-           "m.ci_high, m.n FROM metrics m JOIN runs r USING (run_id)")
-    if metric_names:
-        sql += " WHERE m.metric IN (" + ", ".join("?" for _ in metric_names) + ")"
-    return _query(path, sql + " ORDER BY r.created, m.run_id", tuple(metric_names or ()))
+def all_metrics(path: str, key: tuple) -> pd.DataFrame:
+    """Metric rows of every run (typed, each run by its own version), with run_id, created, parent_run_id."""
+    frames = []
+    for r in runs(path, key).to_dict(orient="records"):
+        m = metrics(path, key, r["run_id"])
+        frames.append(m.assign(run_id=r["run_id"], created=r["created"], parent_run_id=r["parent_run_id"]))
+    return pd.concat(frames, ignore_index=True) if frames else metrics_frame([]).assign(
+        run_id=pd.Series(dtype=object), created=pd.Series(dtype=object), parent_run_id=pd.Series(dtype=object))
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -111,10 +144,10 @@ def findings(path: str, key: tuple, run_id: str) -> pd.DataFrame:
 
 @st.cache_data(show_spinner=False, max_entries=128)
 def rows(path: str, key: tuple, run_id: str, probe: str, metric_names: tuple[str, ...] = (),
-         example_id: str | None = None, site: str | None = None) -> pd.DataFrame:
-    """Result rows of one run and probe, narrowed in SQL (metric names, one example, one site)."""
-    sql = ("SELECT metric, value, example_id, grp AS \"group\", site, variant FROM result_rows "
-           "WHERE run_id = ? AND probe = ?")
+         example_id: str | None = None) -> pd.DataFrame:
+    """Result rows of one run and probe as a typed v2 frame, narrowed in SQL by the columns every
+    version has (metric names, one example); typed filters (set, layer, ...) are for the caller."""
+    sql = "SELECT * FROM result_rows WHERE run_id = ? AND probe = ?"
     params: list = [run_id, probe]
     if metric_names:
         sql += " AND metric IN (" + ", ".join("?" for _ in metric_names) + ")"
@@ -122,25 +155,26 @@ def rows(path: str, key: tuple, run_id: str, probe: str, metric_names: tuple[str
     if example_id is not None:
         sql += " AND example_id = ?"
         params.append(example_id)
-    if site is not None:
-        sql += " AND site = ?"
-        params.append(site)
-    return _query(path, sql, tuple(params))
+    df = _query(path, sql, tuple(params)).drop(columns=["run_id"]).rename(columns={"grp": "group"})
+    return upgrade_rows(df, _run_version(path, key, run_id))
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def example_ids(path: str, key: tuple, run_id: str, probe: str, metric: str) -> list[str]:
-    df = _query(path, "SELECT DISTINCT example_id FROM result_rows WHERE run_id = ? AND probe = ? AND metric = ? "
-                      "AND example_id IS NOT NULL ORDER BY example_id", (run_id, probe, metric))
-    return df.example_id.astype(str).tolist()
+def row_metrics(path: str, key: tuple, run_id: str) -> pd.DataFrame:
+    """(probe, metric, rows) of the run's result rows: what each probe wrote per example."""
+    return _query(path, "SELECT probe, metric, count(*) AS rows FROM result_rows WHERE run_id = ? "
+                        "GROUP BY probe, metric ORDER BY probe, metric", (run_id,))
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def distinct(path: str, key: tuple, run_id: str, probe: str, metric: str, column: str) -> list[str]:
-    col = {"group": "grp", "site": "site", "variant": "variant"}[column]  # fixed names only, never user text
-    df = _query(path, f"SELECT DISTINCT {col} AS v FROM result_rows WHERE run_id = ? AND probe = ? AND metric = ? "
-                      f"AND {col} IS NOT NULL ORDER BY 1", (run_id, probe, metric))
-    return df.v.astype(str).tolist()
+def example_ids(path: str, key: tuple, run_id: str, probe: str, metric: str | None = None) -> list[str]:
+    """Example ids with rows of `probe` (of one row metric when given), sorted."""
+    sql = "SELECT DISTINCT example_id FROM result_rows WHERE run_id = ? AND probe = ? AND example_id IS NOT NULL"
+    params: tuple = (run_id, probe)
+    if metric is not None:
+        sql += " AND metric = ?"
+        params += (metric,)
+    return _query(path, sql + " ORDER BY example_id", params).example_id.astype(str).tolist()
 
 
 def _manifest_stamp(data_dir: str) -> tuple[int, int]:
@@ -163,6 +197,5 @@ def image(data_dir: str | None, example_id: str | None):
     """The example's image (PIL, RGB) from inside the run's data folder, or None."""
     if example_id is None:
         return None
-    m = manifest(data_dir)
-    rec = m.get(example_id) or m.get(str(example_id).split("~")[0])
+    rec, _ = manifest_record(manifest(data_dir), example_id)
     return example_image(data_dir, rec)

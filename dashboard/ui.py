@@ -1,24 +1,38 @@
-"""Widgets every dashboard page shares: the store and run picker, safe text, tables, charts.
+"""Widgets every dashboard page shares: the store and run picker, safe text, tables, charts,
+and the catalog-driven probe panels.
 
-Strings from the store (example ids, prompts, groups, finding messages, paths) are shown
-with st.text, st.code, st.json or inside dataframes and plotly figures, never through
-markdown or HTML; no call here or in any page passes unsafe_allow_html.
+Which probes a page shows, their titles, metric labels, units and meanings come from the
+catalog (`audit.report.meta`); breakdowns come from typed columns. Strings from the store
+(example ids, prompts, groups, finding messages, paths) are shown with st.text, st.code,
+st.json or inside dataframes and plotly figures, never through markdown or HTML; catalog
+text in captions is markdown-escaped; no call here or in any page passes unsafe_allow_html.
 """
 from __future__ import annotations
+
+import re
+from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from audit.catalog import PAGES
+from audit.report import evidence, meta
+from audit.report.blocks import num
 from dashboard import data
 
-__all__ = ["context", "Context", "metric_frame", "show_table", "show_figure", "bar_ci", "no_rows", "NAV"]
+__all__ = ["context", "Context", "metric_frame", "show_table", "show_figure", "bar_ci", "no_rows", "nav",
+           "probe_panels", "page_probes", "plain_caption", "HOME", "COMPARE"]
 
-# Page links shown in the sidebar (Streamlit's own file-name navigation is hidden by
-# `mmaudit dashboard`): entry script app.py plus the files of dashboard/pages/.
-NAV = (("app.py", "Runs & scorecard"), ("pages/attention.py", "Attention explorer"),
-       ("pages/modality.py", "Modality reliance"), ("pages/bias.py", "Bias explorer"), ("pages/safety.py", "Safety"),
-       ("pages/privacy.py", "Privacy & defenses"), ("pages/compare.py", "Run comparison"))
+HOME, COMPARE = "Runs & scorecard", "Run comparison"
+_MD = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$])")
+
+
+def nav() -> list[tuple[str, str]]:
+    """(page file, title) of every page: the home page, one per catalog page that has a file, the comparison."""
+    pages = Path(__file__).resolve().parent / "pages"
+    return [("app.py", HOME), *((f"pages/{pid}.py", title) for pid, title in PAGES.items()
+                                if (pages / f"{pid}.py").is_file()), ("pages/compare.py", COMPARE)]
 
 
 class Context:
@@ -40,6 +54,9 @@ class Context:
 
     def rows(self, probe: str, metric_names=(), **kw) -> pd.DataFrame:
         return data.rows(self.path, self.key, self.run_id, probe, tuple(metric_names), **kw)
+
+    def row_metrics(self) -> pd.DataFrame:
+        return data.row_metrics(self.path, self.key, self.run_id)
 
 
 def _label(runs: pd.DataFrame, run_id: str) -> str:
@@ -92,27 +109,48 @@ def context(title: str) -> Context | None:
 
 def _nav() -> None:
     """Links to every page, when the app runs from dashboard/app.py (not a page file alone)."""
-    from pathlib import Path
-
     from streamlit.runtime.scriptrunner import get_script_run_ctx
 
     ctx = get_script_run_ctx()
     main = Path(getattr(ctx, "main_script_path", "") or "")
     if main.name != "app.py" or not (main.parent / "pages").is_dir():
         return
-    for target, label in NAV:
+    for target, label in nav():
         st.sidebar.page_link(target, label=label)
     st.sidebar.divider()
 
 
+def plain_caption(text: str) -> None:
+    """A caption whose text is shown literally (markdown characters escaped)."""
+    st.caption(_MD.sub(r"\\\1", str(text)))
+
+
 def metric_frame(df: pd.DataFrame) -> pd.DataFrame:
-    cols = [c for c in ("probe", "metric", "group", "value", "ci_low", "ci_high", "n") if c in df.columns]
-    out = df[cols].rename(columns={"ci_low": "95% CI low", "ci_high": "95% CI high"})
-    return out.reset_index(drop=True)
+    """Typed metric rows for display: catalog label and unit, breakdown from typed columns, CONTRACT group."""
+    recs = df.to_dict(orient="records")
+    out = pd.DataFrame({
+        "probe": [r["probe"] for r in recs], "metric": [r["metric"] for r in recs],
+        "measure": [meta.metric_label(r["probe"], r["metric"]) for r in recs],
+        "breakdown": [meta.dims_label(r) for r in recs],
+        "group": [None if meta.is_missing(r.get("group")) else r["group"] for r in recs],
+        "value": [num(r["value"]) for r in recs], "95% CI low": [num(r["ci_low"]) for r in recs],
+        "95% CI high": [num(r["ci_high"]) for r in recs],
+        "n": [None if meta.is_missing(r.get("n")) else int(r["n"]) for r in recs],
+        "unit": [meta.metric_unit(r["probe"], r["metric"]) for r in recs]})
+    for extra in ("run_id", "created"):
+        if extra in df.columns:
+            out.insert(0, extra, df[extra].tolist())
+    return out
 
 
 def show_table(df: pd.DataFrame, *, height: int | str = "auto") -> None:
     st.dataframe(df, hide_index=True, height=height)
+
+
+def show_meanings(df: pd.DataFrame) -> None:
+    """The catalog's "what this means" line of every metric in `df`."""
+    for line in meta.meanings(df):
+        plain_caption(f"What this means: {line}")
 
 
 def show_figure(fig: dict | go.Figure, *, key: str | None = None) -> None:
@@ -121,12 +159,48 @@ def show_figure(fig: dict | go.Figure, *, key: str | None = None) -> None:
     st.plotly_chart(figure, key=key, config={"displaylogo": False})
 
 
-def bar_ci(title: str, df: pd.DataFrame, label_col: str = "group", *, axis: str = "value") -> dict:
+def bar_ci(title: str, df: pd.DataFrame, label_col: str | None = None, *, axis: str = "value") -> dict:
+    """Bars with 95% intervals; labels from `label_col`, or from the rows' typed breakdown."""
     from audit.report import figures
 
-    labels = [str(x) if x is not None and not pd.isna(x) else "overall" for x in df[label_col]]
+    labels = [str(x) for x in df[label_col]] if label_col else meta.row_labels(df)
     return figures.bar_ci(title, labels, df.value, df.ci_low, df.ci_high, axis=axis)
 
 
 def no_rows(what: str) -> None:
     st.info(f"This run has no {what}.")
+
+
+def page_probes(m: pd.DataFrame, page: str) -> list[str]:
+    """Probes of the run whose catalog spec puts them on `page`."""
+    return meta.probes_where(m.probe.dropna().unique(), page=page)
+
+
+def probe_panels(ctx: Context, page: str, m: pd.DataFrame, *, grouped: bool = True) -> list[str]:
+    """For each probe the catalog puts on `page`: title, description, overall table, charts and
+    grouped rows (by scope), each with its meaning. Returns the probes shown."""
+    probes = page_probes(m, page)
+    missing = [p for p in meta.expected_probes(page=page) if p not in probes]
+    if missing:
+        st.text("not run: " + ", ".join(missing))
+    for p in probes:
+        spec = meta.spec_of(p)
+        pm = m[m.probe == p]
+        st.subheader(spec.title)
+        plain_caption(f"{p}: {spec.description}")
+        overall = pm[pm.scope == "overall"]
+        if len(overall):
+            show_table(metric_frame(overall))
+            show_meanings(overall)
+        if not grouped:
+            continue
+        for i, blk in enumerate(evidence.bar_figures(pm) + evidence.layer_curves(pm)):
+            show_figure(blk["figure"], key=f"panel-{p}-{i}")
+            if blk.get("caption"):
+                plain_caption(blk["caption"])
+        rest = pm[pm.scope != "overall"]
+        if len(rest):
+            with st.expander(f"{spec.title}: every grouped row ({len(rest)})"):
+                show_table(metric_frame(rest))
+                show_meanings(rest)
+    return probes

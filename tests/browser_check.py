@@ -32,11 +32,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# (URL path, page title, screenshot name): app.py is the home page, pages/<name>.py is /<name>.
-PAGES = (("", "Runs & scorecard", "runs"), ("attention", "Attention explorer", "attention"),
-         ("modality", "Modality reliance", "modality"), ("bias", "Bias explorer", "bias"),
-         ("safety", "Safety", "safety"), ("privacy", "Privacy & defenses", "privacy"),
-         ("compare", "Run comparison", "compare"))
+
+
+def dashboard_pages() -> tuple[tuple[str, str, str], ...]:
+    """(URL path, page title, screenshot name) of every dashboard page, from the catalog's pages:
+    app.py is the home page, pages/<name>.py is /<name>."""
+    from audit.catalog import PAGES
+
+    return (("", "Runs & scorecard", "runs"), *((pid, title, pid) for pid, title in PAGES.items()),
+            ("compare", "Run comparison", "compare"))
+
+
 # (file name, section id, window height) of the report screenshots taken with --screenshots
 REPORT_SHOTS = (("report-cover", None, 1500), ("report-fairness", "fairness", 4200),
                 ("report-interpretability", "interpretability", 3400), ("report-mitigations", "mitigations", 2000))
@@ -76,7 +82,7 @@ def build_store(root: Path, *, max_examples: int = 12) -> tuple[Path, Path]:
     adapter, ds = load_adapter(model), Dataset.load(data).audit_split()
     first = run_audit(RunSpec(model=str(model), data=str(data), probes=probes, out=str(root / "run-a"), seed=0,
                               store=str(store), max_examples=max_examples), adapter=adapter, data=ds,
-                      progress=False, log=lambda _: None)
+                      progress=False, log=lambda _: None).summary
     run_audit(RunSpec(model=str(model), data=str(data), probes=probes, out=str(root / "run-b"), seed=1,
                       store=str(store), max_examples=max_examples + 4, parent_run_id=first["run_id"]),
               adapter=adapter, data=ds, progress=False, log=lambda _: None)
@@ -187,7 +193,7 @@ def main(argv=None) -> int:
         url = f"http://127.0.0.1:{port}"
         wait_health(url, proc)
         log(f"dashboard healthy on {url}")
-        pages = PAGES if args.screenshots else PAGES[:1]
+        pages = dashboard_pages() if args.screenshots else dashboard_pages()[:1]
         failures = 0
         for slug, title, name in pages:
             page_url = f"{url}/{slug}"

@@ -1,54 +1,185 @@
-"""`mmaudit report` (HTML, JSON, PDF) and `mmaudit gate`: every section present, self-contained
-HTML, JSON round trip, PDF pages, missing probes said in place, untrusted strings inert,
-image paths confined to the data folder, gate exit codes 0/1/2 and baseline regressions."""
+"""`mmaudit report` (HTML, JSON, PDF) and `mmaudit gate`: every catalog section present,
+self-contained HTML, JSON round trip, PDF pages, missing probes said in place, untrusted
+strings inert, image and file paths confined to the run/data/model folders, hashing capped,
+the report never written over a file that is not its own, gate exit codes 0/1/2,
+non-finite policy limits refused, baseline regressions.
+
+Runs: modality_ablation and attention run for real on the untrained tiny LLaVA; the
+fairness and safety probes' output is written by hand in the schema-v2 shape (typed
+columns), computed from the data folder's own examples, and spliced into the run."""
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import io
 import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 from PIL import Image
 
 from audit import cli
+from audit.catalog import SECTIONS
 from audit.errors import InputError
 from audit.report import build_document, build_report
 from audit.report.assets import UnsafePath, example_image, resolve_image
 from audit.report.build import SECTION_IDS
+from audit.report.integrity import HashBudget
 from audit.report.render import ERR_NO_CHROMIUM, find_chromium, render_html, render_json
+from audit.schema import metric_records, metrics_frame, rows_frame, upgrade_rows
+from audit.stats import proportion_ci
+from audit.store import Store
 
-PROBES = ["modality_ablation", "attention", "hallucination", "counterfactual_bias", "group_fairness"]
+ROOT = Path(__file__).resolve().parents[1]
+REAL = ["modality_ablation", "attention"]
+HAND = ["counterfactual_bias", "group_fairness", "hallucination"]
 PAYLOAD = '<script>alert("pwned")</script>'
 IMG_PAYLOAD = '<img src=x onerror=alert(1)>'
 
 
 # --------------------------------------------------------------------------- fixtures
-def _run(model, data, out, store, *, probes, seed=0, max_examples=8, parent=None):
+def _manifest(data_dir) -> list[dict]:
+    return [json.loads(x) for x in (Path(data_dir) / "manifest.jsonl").read_text().splitlines() if x.strip()]
+
+
+def _prop(k, n, **dims) -> dict:
+    lo, hi = proportion_ci(int(k), int(n))
+    return dict(value=k / n if n else float("nan"), ci_low=lo, ci_high=hi, n=int(n), **dims)
+
+
+def hand_written(data_dir, *, seed: int, n_sets: int = 6, flip_every: int = 3) -> tuple[list[dict], list[dict]]:
+    """(rows, metric records) of counterfactual_bias, group_fairness and hallucination as the
+    ported probes write them (schema v2), computed from random answers on the data's examples."""
+    rng = np.random.default_rng(seed)
+    man = _manifest(data_dir)
+    rows, metrics = [], []
+    sets: dict[str, list[dict]] = {}
+    for r in man:
+        if r.get("pair_id") and r.get("varies") == "group":
+            sets.setdefault(r["pair_id"], []).append(r)
+    flips, gaps = [], []
+    for k, (sid, members) in enumerate(sorted(sets.items())[:n_sets]):
+        flip, gap = float(k % flip_every == 0), float(rng.random())
+        common = dict(probe="counterfactual_bias", set_id=sid, attribute="group", example_id=members[0]["id"])
+        rows += [dict(common, metric="flip", value=flip), dict(common, metric="logprob_gap", value=gap)]
+        for j, m in enumerate(members):
+            member = dict(probe="counterfactual_bias", set_id=sid, attribute="group",
+                          attribute_value=m["attributes"]["group"], example_id=m["id"])
+            rows.append(dict(member, metric="target_logprob", value=-0.5 - gap * j))
+            rows += [dict(member, metric="choice_logprob", value=float(-rng.random()), token=c, token_index=t)
+                     for t, c in enumerate(m["choices"])]
+        flips.append(flip)
+        gaps.append(gap)
+    cf = dict(probe="counterfactual_bias", group="group", attribute="group", scope="comparison")
+    metrics += [dict(cf, metric="flip_rate", **_prop(sum(flips), len(flips))),
+                dict(cf, metric="mean_abs_logprob_gap", value=float(np.mean(gaps)), n=len(gaps)),
+                dict(cf, metric="p_value", value=0.5, n=len(gaps))]
+    occ = [r for r in man if (r.get("attributes") or {}).get("family") == "occupation"][:40]
+    correct = {r["id"]: float(rng.random() < 0.7) for r in occ}
+    for attr in ("group", "gender_word"):
+        accs = {}
+        for value in sorted({r["attributes"][attr] for r in occ}):
+            ids = [r["id"] for r in occ if r["attributes"][attr] == value]
+            rows += [dict(probe="group_fairness", metric="correct", value=correct[i], example_id=i, attribute=attr,
+                          attribute_value=value) for i in ids]
+            k = sum(correct[i] for i in ids)
+            accs[value] = k / len(ids)
+            metrics.append(dict(probe="group_fairness", metric="accuracy", group=f"{attr}={value}", attribute=attr,
+                                attribute_value=value, scope="group", **_prop(k, len(ids))))
+        metrics.append(dict(probe="group_fairness", metric="accuracy_difference", group=attr, attribute=attr,
+                            scope="comparison", value=max(accs.values()) - min(accs.values()), n=len(occ)))
+    cells: dict[tuple, list[str]] = {}
+    for r in occ:
+        cells.setdefault((r["attributes"]["group"], r["attributes"]["gender_word"]), []).append(r["id"])
+    for (a, g), ids in sorted(cells.items()):
+        metrics.append(dict(probe="group_fairness", metric="accuracy", group=f"group={a}&gender_word={g}",
+                            attribute="group", attribute_value=a, attribute2="gender_word", attribute2_value=g,
+                            scope="intersection", **_prop(sum(correct[i] for i in ids), len(ids))))
+    pope = [r for r in man if (r.get("attributes") or {}).get("family") == "presence"][:30]
+    yes = {r["id"]: float(rng.random() < 0.5) for r in pope}
+    rows += [dict(probe="hallucination", metric="pred_yes", value=yes[r["id"]], example_id=r["id"],
+                  setting=r["attributes"].get("pope_negative")) for r in pope]
+    ok = [float((yes[r["id"]] == 1.0) == (r["answer"] == "yes")) for r in pope]
+    metrics.append(dict(probe="hallucination", metric="pope_accuracy", scope="overall", **_prop(sum(ok), len(ok))))
+    metrics.append(dict(probe="hallucination", metric="pope_yes_ratio", scope="overall",
+                        **_prop(sum(yes.values()), len(yes))))
+    for setting in sorted({r["attributes"].get("pope_negative") for r in pope} - {None}):
+        part = [o for o, r in zip(ok, pope) if r["attributes"].get("pope_negative") == setting]
+        metrics.append(dict(probe="hallucination", metric="pope_accuracy", group=setting, setting=setting,
+                            scope="breakdown", **_prop(sum(part), len(part))))
+    return rows, metrics
+
+
+def write_run(run_dir: Path, *, summary: dict, rows: pd.DataFrame, store: Path | None = None,
+              parent: str | None = None) -> dict:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rows.to_parquet(run_dir / "results.parquet", index=False)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if store is not None:
+        Store(store).record_run(summary, rows, run_dir=str(run_dir.resolve()), parent_run_id=parent)
+    return summary
+
+
+def splice(run_dir: Path, data_dir, *, seed: int, store: Path, parent: str | None = None) -> dict:
+    """Add the hand-written probes' rows and metrics to a real run, and record it in `store`."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    extra_rows, extra_metrics = hand_written(data_dir, seed=seed)
+    rows = pd.concat([upgrade_rows(pd.read_parquet(run_dir / "results.parquet"), 2), rows_frame(extra_rows)],
+                     ignore_index=True)
+    summary["metrics"] += metric_records(metrics_frame(extra_metrics))
+    summary["config"]["probes"] += HAND
+    summary["probes"].update({p: {"status": "ok", "examples": 30, "selected": 30, "units": 1} for p in HAND})
+    return write_run(run_dir, summary=summary, rows=rows, store=store, parent=parent)
+
+
+def hand_run(run_dir: Path, data_dir, model_dir, *, run_id: str, seed: int, probes=HAND, store: Path | None = None,
+             parent: str | None = None, version: int = 2) -> dict:
+    """A run written entirely by hand (no model call): summary.json + results.parquet."""
+    rows, metrics = hand_written(data_dir, seed=seed)
+    rows = [r for r in rows if r["probe"] in probes]
+    metrics = [m for m in metrics if m["probe"] in probes]
+    created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")  # after any real run before it
+    summary = {"schema_version": version, "run_id": run_id, "created": created,
+               "model": {"path": str(model_dir), "architecture": "llava", "sha256": "0" * 64},
+               "data": {"path": str(data_dir), "sha256": "1" * 64, "n": 100},
+               "config": {"probes": list(probes), "seed": seed}, "environment": {"python": "3.11", "device": "cpu"},
+               "probes": {p: {"status": "ok", "examples": 30} for p in probes},
+               "metrics": metric_records(metrics_frame(metrics)), "findings": [],
+               "artifacts": [{"probe": None, "name": "results.parquet", "kind": "rows", "path": "results.parquet"}]}
+    if parent:
+        summary["parent_run_id"] = parent
+    return write_run(run_dir, summary=summary, rows=rows_frame(rows), store=store, parent=parent)
+
+
+def _real_run(model, data, out, store, *, probes, seed=0, max_examples=8):
     from audit.adapters import load_adapter
     from audit.dataset import Dataset
     from audit.runner import RunSpec, run_audit
 
     spec = RunSpec(model=str(model), data=str(data), probes=list(probes), out=str(out), seed=seed, store=str(store),
-                   max_examples=max_examples, parent_run_id=parent)
+                   max_examples=max_examples)
     return run_audit(spec, adapter=load_adapter(model), data=Dataset.load(data).audit_split(), progress=False,
-                     log=lambda m: None)
+                     log=lambda m: None).summary
 
 
 @pytest.fixture(scope="module")
 def runs(untrained_llava, small_data, tmp_path_factory):
-    """A real run of five probes, and a child run (two probes) that names it as parent."""
+    """A real run of modality_ablation + attention with hand-written fairness/safety probes spliced in,
+    and a hand-written child run (two fairness probes) that names it as parent."""
     root = tmp_path_factory.mktemp("report")
     store = root / "store.duckdb"
-    parent = _run(untrained_llava, small_data, root / "run", store, probes=PROBES)
-    child = _run(untrained_llava, small_data, root / "child", store, probes=["group_fairness", "counterfactual_bias"],
-                 seed=1, max_examples=12, parent=parent["run_id"])
+    _real_run(untrained_llava, small_data, root / "run", root / "scratch.duckdb", probes=REAL)
+    parent = splice(root / "run", small_data, seed=0, store=store)
+    child = hand_run(root / "child", small_data, untrained_llava, run_id="child0001", seed=1,
+                     probes=["group_fairness", "counterfactual_bias"], store=store, parent=parent["run_id"])
     return {"root": root, "store": store, "run": root / "run", "child": root / "child", "parent": parent,
-            "child_summary": child}
+            "child_summary": child, "data": small_data, "model": untrained_llava}
 
 
 def main(argv, monkeypatch) -> int:
@@ -92,11 +223,10 @@ def test_html_report_has_every_section_and_is_self_contained(runs, monkeypatch, 
     for sid in SECTION_IDS:
         assert f'id="sec-{sid}"' in page, sid
     for title in ("System identity and intended use", "Architecture and components",
-                  "Data governance and bias examination", "Evaluation protocol", "Fairness results",
-                  "Accuracy, robustness and safety", "Interpretability and modality reliance", "Mitigations",
-                  "Privacy", "User-set targets", "Limitations", "Integrity manifest (SHA-256)",
+                  "Data governance and bias examination", "Evaluation protocol", *SECTIONS.values(), "Mitigations",
+                  "User-set targets", "Limitations", "Integrity manifest (SHA-256)",
                   "Regulatory and documentation mapping"):
-        assert title in page
+        assert title.replace("&", "&amp;") in page, title
     # self-contained: no external src/href in the markup (the inline plotly.js bundle holds URL strings it
     # never loads for these traces, and the CSP forbids any fetch), no stylesheet links or imports
     markup = re.sub(r"<script[^>]*>.*?</script>", "", page, flags=re.S)
@@ -107,19 +237,51 @@ def test_html_report_has_every_section_and_is_self_contained(runs, monkeypatch, 
     assert "default-src 'none'" in page  # CSP: the page may fetch nothing
     scripts = re.findall(r"<script[^>]*>", page)
     assert scripts and all('nonce="' in s for s in scripts)
-    # evidence that needs the data folder: counterfactual pairs and heatmap overlays as PNG data URLs
+    # evidence that needs the data folder: counterfactual sets and heatmap overlays as PNG data URLs
     assert page.count("data:image/png;base64,") >= 6
-    assert "attention heatmaps" in page and "Counterfactual sets with the largest effect" in page
+    assert "attention_heatmap (layer_head_mean) heatmaps" in page and "over the image grid" in page
+    assert "counterfactual sets with the largest effect" in page
     for ref in ("Art. 10(2)(f)", "Art. 13(3)(b)(v)", "Art. 15(5)", "Annex IV(2)(g)", "Art. 55(1)(a)",
                 "MEASURE 2.11", "MEASURE 2.10", "Quantitative Analyses", "Caveats and Recommendations"):
         assert ref in page
-    # the integrity manifest hashes model, data and run files, and re-checks the recorded fingerprints
+    # every probe's catalog title and the meaning of its metrics are shown
+    for title in ("Modality ablation", "Attention to the image", "Counterfactual bias", "Group fairness",
+                  "Object hallucination (POPE)"):
+        assert title in page
+    assert "What this means" in page and "Share of counterfactual sets whose chosen answer changes" in page
+    # the integrity manifest hashes model, data and run files, and re-checks the data fingerprint
     doc = json.loads(render_json(build_document(runs["run"], store=runs["store"])))
     integ = doc["integrity"]
-    assert integ["model_check"] == integ["data_check"] == "unchanged since the audit"
+    assert integ["data_check"] == "unchanged since the audit"
     kinds = {f["kind"] for f in integ["files"]}
     assert kinds == {"model", "data", "run"}
     assert all(re.fullmatch(r"[0-9a-f]{64}", f["sha256"]) for f in integ["files"])
+
+
+def test_sections_follow_the_catalog_and_typed_dims(runs):
+    doc = build_document(runs["run"], store=runs["store"])
+    text = {sid: json.dumps(_section(doc, sid)) for sid in SECTIONS}
+    assert "Group fairness (group_fairness)" in text["fairness"] and "group_fairness" not in text["safety"]
+    assert "Object hallucination (POPE) (hallucination)" in text["safety"]
+    assert "Attention to the image (attention)" in text["interpretability"]
+    fair = _section(doc, "fairness")
+    tables = [b for b in fair["blocks"] if b["type"] == "table"]
+    per_group = next(t for t in tables if t["caption"].startswith("Per group"))
+    cols = per_group["columns"]
+    assert {"breakdown", "group", "measure", "unit"} <= set(cols)
+    # the breakdown label comes from the typed attribute columns, the group label stays CONTRACT's
+    row = next(r for r in per_group["rows"] if r[cols.index("group")] == "group=a")
+    assert row[cols.index("breakdown")] == "group = a" and row[cols.index("measure")] == "Accuracy per group"
+    inter = next(t for t in tables if t["caption"].startswith("Per intersection"))
+    assert any(r[inter["columns"].index("breakdown")].startswith("group = a & gender_word = ") for r in inter["rows"])
+    # the per-layer curve of the attention share is drawn from the typed `layer` column
+    interp = _section(doc, "interpretability")
+    curves = [b for b in interp["blocks"] if b["type"] == "figure" and "per layer" in
+              b["figure"]["layout"]["title"]["text"]]
+    assert curves and curves[0]["figure"]["data"][-1]["x"] == [0, 1]
+    heads = [b for b in interp["blocks"] if b["type"] == "figure" and "per layer and head" in
+             b["figure"]["layout"]["title"]["text"]]
+    assert heads and heads[0]["figure"]["data"][0]["x"][:2] == ["head 0", "head 1"]
 
 
 def test_json_round_trips(runs, monkeypatch):
@@ -127,7 +289,7 @@ def test_json_round_trips(runs, monkeypatch):
     loaded = json.loads((runs["root"] / "r.json").read_text())
     fresh = build_document(runs["run"])
     assert _strip_volatile(loaded) == _strip_volatile(json.loads(json.dumps(fresh)))
-    assert loaded["schema_version"] == 1 and loaded["kind"] == "mmaudit-report"
+    assert loaded["schema_version"] == 2 and loaded["kind"] == "mmaudit-report"
     assert [s["id"] for s in loaded["sections"]] == list(SECTION_IDS)
     summary = json.loads((runs["run"] / "summary.json").read_text())
     assert loaded["metrics"] == summary["metrics"] and loaded["findings"] == summary["findings"]
@@ -143,7 +305,7 @@ def test_missing_probes_are_said_in_place_and_parent_is_compared(runs):
     assert doc["overview"]["sections"]["safety"] == "missing"
     assert doc["overview"]["sections"]["privacy"] == "missing"
     text = json.dumps(_section(doc, "interpretability"))
-    assert "No interpretability probe produced results" in text
+    assert "No probe of this section produced results" in text and "modality_ablation" in text
     assert "privacy_audit" in json.dumps(_section(doc, "privacy"))
     mit = _section(doc, "mitigations")
     assert mit["status"] == "complete"
@@ -155,6 +317,12 @@ def test_missing_probes_are_said_in_place_and_parent_is_compared(runs):
     after = next(m["value"] for m in runs["child_summary"]["metrics"]
                  if (m["probe"], m["metric"], m["group"]) == ("group_fairness", "accuracy_difference", "group"))
     assert row[3] == pytest.approx(before) and row[4] == pytest.approx(after) and row[5] == pytest.approx(after - before)
+    # the direction of a change comes from the catalog: a lower flip rate or accuracy gap is better
+    for r in table["rows"]:
+        if r[1] in ("flip_rate", "accuracy_difference") and r[5]:
+            assert r[6] == ("better" if r[5] < 0 else "worse"), r
+        if r[1] == "p_value":
+            assert r[6] is None  # no agreed direction
     # without the store the parent cannot be found: said, not failed
     alone = build_document(runs["child"], store=runs["root"] / "elsewhere.duckdb")
     assert _section(alone, "mitigations")["status"] == "missing"
@@ -175,19 +343,35 @@ def test_privacy_and_defense_record_are_reported(runs, tmp_path):
         "utility": {"before": {"accuracy": 0.9}, "after": {"accuracy": 0.8}}}))
     summary = json.loads((run / "summary.json").read_text())
     summary["model"]["path"] = str(model)
-    summary["metrics"] += [{"probe": "privacy_audit", "metric": m, "value": v, "ci_low": None, "ci_high": None,
-                            "group": None, "n": 64}
-                           for m, v in (("epsilon_lower_bound", 9.0), ("mia_auc", 0.61), ("tpr_at_1pct_fpr", 0.05))]
+    summary["metrics"] += metric_records(metrics_frame(
+        [dict(probe="privacy_audit", metric=m, value=v, n=64, scope="overall")
+         for m, v in (("epsilon_lower_bound", 9.0), ("mia_auc", 0.61), ("tpr_at_1pct_fpr", 0.05))]))
     (run / "summary.json").write_text(json.dumps(summary))
     doc = build_document(run, store=tmp_path / "none.duckdb")
     priv = _section(doc, "privacy")
     text = json.dumps(priv, ensure_ascii=False)
     assert priv["status"] == "partial" and "exceeds the theoretical" in text  # 9.0 > 7.5 from the DP record
+    assert "false-alarm rate of at most 5%" in text  # the warning states its error rate
     assert "ε theoretical (upper bound)" in text and "7.5" in text and "0.61" in text
     mit = json.dumps(_section(doc, "mitigations"), ensure_ascii=False)
     assert "Defense record" in mit and "utility before and after" in mit
-    # the model folder is not the one audited: the integrity manifest says so
-    assert "CHANGED" in _section(doc, "manifest")["blocks"][0]["items"][3][1]
+
+
+@pytest.mark.xfail(not hasattr(__import__("audit.runner").runner, "model_fingerprint"), strict=True,
+                   reason="audit/runner.py v2 records sha256 of the model path, not model_fingerprint(model): "
+                          "the report cannot tell whether the model changed")
+def test_integrity_rechecks_the_model_fingerprint(runs, tmp_path):
+    doc = build_document(runs["run"], store=runs["store"])
+    assert doc["integrity"]["model_check"] == "unchanged since the audit"
+    run, model = tmp_path / "run", tmp_path / "model"
+    shutil.copytree(runs["run"], run)
+    shutil.copytree(runs["model"], model)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "changed": True}))
+    summary = json.loads((run / "summary.json").read_text())
+    summary["model"]["path"] = str(model)
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert "CHANGED" in build_document(run, store=tmp_path / "none.duckdb")["integrity"]["model_check"]
 
 
 def test_report_with_policy_shows_targets_and_identity(runs, tmp_path):
@@ -203,6 +387,9 @@ def test_report_with_policy_shows_targets_and_identity(runs, tmp_path):
     assert _section(doc, "identity")["status"] == "complete"
     statuses = [r["status"] for r in doc["targets"]]
     assert statuses[0] == "pass" and statuses.count("fail") >= 2  # one fail per attribute with "*"
+    assert {r["kind"] for r in doc["targets"]} == {"threshold"}
+    table = next(b for b in _section(doc, "targets")["blocks"] if b["type"] == "table")
+    assert table["columns"][:3] == ["status", "kind", "rule"]
     assert "Declared by the provider: synthetic scenes only" in json.dumps(_section(doc, "limitations"))
 
 
@@ -212,6 +399,50 @@ def test_report_bad_input_exits_2(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["report", tmp_path, "--format", "docx"], monkeypatch)
     assert exc.value.code == 2 and "--format" in _last_err(capsys)
+
+
+# ----------------------------------------------------------------- where a report may go
+def _snapshot(*paths) -> dict:
+    return {p: p.read_bytes() for p in paths}
+
+
+def test_report_never_replaces_a_file_that_is_not_its_own(runs, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(runs["run"], run)
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(Path(runs["data"]) / "manifest.jsonl", data / "manifest.jsonl")
+    summary = json.loads((run / "summary.json").read_text())
+    summary["data"]["path"] = str(data)
+    (run / "summary.json").write_text(json.dumps(summary))
+    keep = _snapshot(run / "summary.json", run / "results.parquet", data / "manifest.jsonl")
+    # the run's inputs and anything in the data folder: refused, even with --force
+    for out in (run / "summary.json", run / "results.parquet", data / "manifest.jsonl", data / "report.html"):
+        for force in ([], ["--force"]):
+            assert main(["report", run, "--out", out, *force], monkeypatch) == 2
+            err = _last_err(capsys)
+            assert str(out) in err and "refusing" in err
+    link = tmp_path / "link.html"
+    link.symlink_to(run / "summary.json")
+    assert main(["report", run, "--out", link, "--force"], monkeypatch) == 2
+    assert "input of the run" in _last_err(capsys)
+    assert _snapshot(*keep) == keep
+    # any other existing file: refused unless --force
+    other = tmp_path / "notes.txt"
+    other.write_text("my notes")
+    for fmt in ("html", "json"):
+        assert main(["report", run, "--format", fmt, "--out", other], monkeypatch) == 2
+        assert str(other) in _last_err(capsys) and other.read_text() == "my notes"
+    assert main(["report", run, "--format", "json", "--out", other, "--force"], monkeypatch) == 0
+    assert json.loads(other.read_text())["kind"] == "mmaudit-report"
+    # its own previous output is replaced without --force, in every format
+    for fmt in ("html", "json"):
+        out = tmp_path / f"again.{fmt}"
+        assert main(["report", run, "--format", fmt, "--out", out], monkeypatch) == 0
+        assert main(["report", run, "--format", fmt, "--out", out], monkeypatch) == 0
+    assert main(["report", run, "--format", "json", "--out", tmp_path / "again.html"], monkeypatch) == 0
+    assert main(["report", run, "--out", tmp_path], monkeypatch) == 2  # a folder
+    capsys.readouterr()
 
 
 def _pdf_pages(pdf: bytes, path) -> int:
@@ -233,8 +464,10 @@ def test_pdf_is_printed_with_one_page_break_per_section(runs, monkeypatch):
     assert len(SECTION_IDS) + 1 <= pages <= 4 * (len(SECTION_IDS) + 1)
     if shutil.which("pdftotext"):
         text = subprocess.run(["pdftotext", "-layout", str(out), "-"], capture_output=True, text=True).stdout
-        for title in ("Fairness results", "Interpretability and modality reliance", "Integrity manifest"):
+        for title in ("Fairness and bias", "Interpretability", "Integrity manifest"):
             assert title in text
+    # a second print replaces its own earlier PDF without --force
+    assert main(["report", runs["run"], "--format", "pdf", "--out", out, "--store", runs["store"]], monkeypatch) == 0
 
 
 def test_pdf_without_chromium_is_a_clear_input_error(runs, monkeypatch, capsys):
@@ -252,7 +485,7 @@ def _png(path, colour):
     Image.new("RGB", (16, 16), colour).save(path)
 
 
-def _evil_run(root):
+def _evil_run(root, version: int):
     """A hand-made RUN_DIR whose every string is hostile, with a data folder beside it."""
     data = root / "data"
     (data / "images").mkdir(parents=True)
@@ -268,31 +501,51 @@ def _evil_run(root):
     (data / "manifest.jsonl").write_text("\n".join(json.dumps(m) for m in manifest) + "\n")
     run = root / "run"
     run.mkdir()
-    rows = [("attention", "attention_heatmap", 0.1 * k, evil_id, f"{k // 2},{k % 2}", "mean", "grid:2x2") for k in range(4)]
-    rows += [("attention", "attention_heatmap", 0.2 * k, "ex-2", f"{k // 2},{k % 2}", "mean", "grid:2x2") for k in range(4)]
-    rows += [("counterfactual_bias", "flip", 1.0, evil_id, PAYLOAD, f"set{PAYLOAD}", None),
-             ("counterfactual_bias", "logprob_gap", 0.5, evil_id, PAYLOAD, f"set{PAYLOAD}", None),
-             ("counterfactual_bias", "pred_first", 1.0, evil_id, PAYLOAD, f"set{PAYLOAD}", PAYLOAD),
-             ("counterfactual_bias", "pred_first", 0.0, "ex-2", PAYLOAD, f"set{PAYLOAD}", "b")]
-    pd.DataFrame(rows, columns=["probe", "metric", "value", "example_id", "group", "site", "variant"]).to_parquet(
-        run / "results.parquet")
     metric = {"probe": "counterfactual_bias", "metric": "flip_rate", "value": 1.0, "ci_low": 1.0, "ci_high": 1.0,
               "group": PAYLOAD, "n": 1}
-    summary = {"schema_version": 1, "run_id": f"r{PAYLOAD}", "created": "2026-01-01T00:00:00+00:00",
+    metrics = [metric, {**metric, "probe": "attention", "metric": "image_attention_share", "group": None},
+               {**metric, "probe": "group_fairness", "metric": "accuracy", "group": f"group={PAYLOAD}"},
+               {**metric, "probe": "group_fairness", "metric": "accuracy", "group": "group=b"}]
+    if version == 1:  # the old layout: structure packed into group / site / variant strings
+        rows = [("attention", "attention_heatmap", 0.1 * k, evil_id, f"{k // 2},{k % 2}", "mean", "grid:2x2")
+                for k in range(4)]
+        rows += [("attention", "attention_heatmap", 0.2 * k, "ex-2", f"{k // 2},{k % 2}", "mean", "grid:2x2")
+                 for k in range(4)]
+        rows += [("counterfactual_bias", "flip", 1.0, evil_id, PAYLOAD, f"set{PAYLOAD}", None),
+                 ("counterfactual_bias", "logprob_gap", 0.5, evil_id, PAYLOAD, f"set{PAYLOAD}", None),
+                 ("counterfactual_bias", "pred_first", 1.0, evil_id, PAYLOAD, f"set{PAYLOAD}", PAYLOAD),
+                 ("counterfactual_bias", "pred_first", 0.0, "ex-2", PAYLOAD, f"set{PAYLOAD}", "b")]
+        frame = pd.DataFrame(rows, columns=["probe", "metric", "value", "example_id", "group", "site", "variant"])
+    else:
+        recs = [dict(probe="attention", metric="attention_heatmap", value=0.1 * k, example_id=e, variant=PAYLOAD,
+                     grid_row=k // 2, grid_col=k % 2) for e in (evil_id, "ex-2") for k in range(4)]
+        cf = dict(probe="counterfactual_bias", set_id=f"set{PAYLOAD}", attribute=PAYLOAD)
+        recs += [dict(cf, metric="flip", value=1.0, example_id=evil_id),
+                 dict(cf, metric="target_logprob", value=-1.0, example_id=evil_id, attribute_value=PAYLOAD),
+                 dict(cf, metric="target_logprob", value=-2.0, example_id="ex-2", attribute_value="b"),
+                 dict(cf, metric="choice_logprob", value=-1.0, example_id=evil_id, attribute_value=PAYLOAD,
+                      token=IMG_PAYLOAD, token_index=0),
+                 dict(cf, metric="choice_logprob", value=-1.5, example_id="ex-2", attribute_value="b",
+                      token=IMG_PAYLOAD, token_index=0)]
+        frame = rows_frame(recs)
+        dims = [dict(attribute=PAYLOAD, scope="comparison"), dict(scope="overall"),
+                dict(attribute="group", attribute_value=PAYLOAD, scope="group"),
+                dict(attribute="group", attribute_value="b", scope="group")]
+        metrics = [{**m, "dims": d} for m, d in zip(metrics, dims)]
+    frame.to_parquet(run / "results.parquet")
+    summary = {"schema_version": version, "run_id": f"r{PAYLOAD}", "created": "2026-01-01T00:00:00+00:00",
                "model": {"path": f"/nowhere/{PAYLOAD}", "architecture": IMG_PAYLOAD, "sha256": "0" * 64},
                "data": {"path": str(data), "sha256": "1" * 64, "n": 2},
                "config": {"probes": ["attention", "counterfactual_bias", PAYLOAD], "seed": 0},
-               "environment": {"python": PAYLOAD, "device": "cpu"},
-               "metrics": [metric, {**metric, "probe": "attention", "metric": "image_attention_share", "group": None},
-                           {**metric, "probe": "group_fairness", "metric": "accuracy", "group": f"group={PAYLOAD}"},
-                           {**metric, "probe": "group_fairness", "metric": "accuracy", "group": "group=b"}],
+               "environment": {"python": PAYLOAD, "device": "cpu"}, "metrics": metrics,
                "findings": [{"probe": "counterfactual_bias", "severity": "warning", "message": f"bad {IMG_PAYLOAD}"}]}
     (run / "summary.json").write_text(json.dumps(summary))
     return run
 
 
-def test_untrusted_strings_stay_inert_in_the_report(tmp_path):
-    run = _evil_run(tmp_path)
+@pytest.mark.parametrize("version", [1, 2])
+def test_untrusted_strings_stay_inert_in_the_report(tmp_path, version):
+    run = _evil_run(tmp_path, version)
     page = build_report(run, "html").read_text()
     for payload in (PAYLOAD, IMG_PAYLOAD, "<script>alert", "onerror=alert(1)>"):
         assert payload not in page
@@ -304,9 +557,8 @@ def test_untrusted_strings_stay_inert_in_the_report(tmp_path):
     assert page.count("Plotly.newPlot(") >= 1  # the per-group figure carries hostile labels
     assert len(scripts) == 1 + page.count("Plotly.newPlot(")
     # the image outside the data folder was refused: only in-folder images are embedded
-    outside = io.BytesIO()
-    Image.open(tmp_path / "outside.png").convert("RGB").save(outside, format="PNG")
     pngs = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
+    assert pngs  # the heatmaps and the set members are drawn
     colours = {Image.open(io.BytesIO(base64.b64decode(p))).convert("RGB").getpixel((0, 0)) for p in pngs}
     assert (201, 7, 99) not in colours
     # the JSON format keeps the strings as data (valid JSON, nothing executed)
@@ -329,6 +581,49 @@ def test_image_paths_cannot_leave_the_data_folder(tmp_path):
     assert example_image(data, {"image": "images/ok.png"}).getpixel((0, 0)) == (0, 0, 255)
 
 
+def test_report_lists_only_what_the_audit_wrote_or_read(runs, tmp_path):
+    """A summary naming /etc as its folders and artifacts outside the run lists nothing of them; a
+    huge sparse image named by the manifest is not hashed (noted), and the build still finishes."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["run"], run)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["model"]["path"] = "/etc"
+    summary["data"]["path"] = "/etc"
+    summary["artifacts"] = [{"name": "x", "kind": "rows", "path": p} for p in
+                            ("/etc/passwd", "../../../../etc/hostname", "results.parquet")]
+    (run / "summary.json").write_text(json.dumps(summary))
+    doc = build_document(run, store=tmp_path / "none.duckdb")
+    files = doc["integrity"]["files"]
+    assert {f["kind"] for f in files} == {"run"}
+    assert {f["file"] for f in files} >= {"summary.json", "results.parquet"}
+    assert not any("passwd" in f["file"] or "hostname" in f["file"] for f in files)
+    assert "passwd" not in json.dumps(doc["sections"])
+    # a data folder whose manifest names a 64 GiB sparse image, and a sparse weight file
+    data, model = tmp_path / "data", tmp_path / "model"
+    (data / "images").mkdir(parents=True)
+    _png(data / "images" / "ok.png", (1, 2, 3))
+    with open(data / "images" / "huge.png", "wb") as fh:
+        fh.truncate(64 * 2**30)
+    (data / "manifest.jsonl").write_text("\n".join(json.dumps(
+        {"id": f"e{i}", "image": f"images/{n}.png", "prompt": "p", "choices": ["a", "b"], "answer": "a"})
+        for i, n in enumerate(("ok", "huge"))) + "\n")
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    with open(model / "model.safetensors", "wb") as fh:
+        fh.truncate(64 * 2**30)
+    summary["model"]["path"], summary["data"]["path"] = str(model), str(data)
+    (run / "summary.json").write_text(json.dumps(summary))
+    doc = build_document(run, store=tmp_path / "none.duckdb", hash_budget=HashBudget(max_file=2**30))
+    integ = doc["integrity"]
+    weights = next(f for f in integ["files"] if f["file"] == "model.safetensors")
+    assert weights["sha256"] is None and "over the 1.0 GiB per-file cap" in weights["note"]
+    images = next(f for f in integ["files"] if f["file"].startswith("images named by manifest.jsonl"))
+    assert images["file"].startswith("images named by manifest.jsonl (1 files") and "1 of 2" in images["note"]
+    assert any("huge.png: not hashed" in s for s in integ["skipped"])
+    assert integ["data_check"].startswith("not re-checked: huge.png is 64.0 GiB")
+    assert "huge.png: not hashed" in json.dumps(_section(doc, "limitations"))
+
+
 # ------------------------------------------------------------------------------- gate
 def _policy(tmp_path, obj, name="policy.yaml") -> str:
     p = tmp_path / name
@@ -346,6 +641,9 @@ def test_gate_passes_and_prints_a_table(runs, tmp_path, monkeypatch, capsys):
     assert "PASS" in out and "SKIP" in out and "modality_ablation.image_reliance" in out
     assert "group_fairness.accuracy_difference[group]" in out
     assert "gate: PASS" in out
+    header = out.splitlines()[0].split()
+    assert header[:3] == ["status", "kind", "rule"]
+    assert re.search(r"PASS\s+threshold\s+modality_ablation\.image_reliance", out)
 
 
 def test_gate_fails_on_threshold_and_on_missing_metric(runs, tmp_path, monkeypatch, capsys):
@@ -361,20 +659,43 @@ def test_gate_fails_on_threshold_and_on_missing_metric(runs, tmp_path, monkeypat
     assert "gate: FAIL" in out and "3 failed" in out
 
 
+def test_gate_null_values_fail_unless_optional(tmp_path, monkeypatch, capsys):
+    run = _summary_dir(tmp_path, "run", [("group_fairness", "demographic_parity_ratio", "group", None),
+                                         ("group_fairness", "accuracy", "group=a", 0.5)])
+    rule = {"probe": "group_fairness", "metric": "demographic_parity_ratio", "group": "group", "min": 0.8}
+    assert main(["gate", run, "--policy", _policy(tmp_path, {"thresholds": [rule]})], monkeypatch) == 1
+    assert "value is undefined (null) in the run" in capsys.readouterr().out
+    assert main(["gate", run, "--policy", _policy(tmp_path, {"thresholds": [{**rule, "optional": True}]}, "o.yaml")],
+                monkeypatch) == 0
+    assert "SKIP" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("text, needle", [
     ("thresholds: [", "not valid YAML at line"),
     ("- just\n- a list\n", "must be a mapping"),
     ("thresholds:\n  - probe: a\n    metric: b\n    maxx: 1\n", "line 4: field 'thresholds[0].maxx': Extra inputs"),
     ("thresholds:\n  - {probe: a, metric: b}\n", "field 'thresholds[0]': give 'min', 'max' or both"),
     ("thresholds:\n  - {probe: a, metric: b, min: 2, max: 1}\n", "'min' (2.0) is greater than 'max' (1.0)"),
-    ("thresholds:\n  - {probe: a, metric: b, max: lots}\n", "field 'thresholds[0].max': Input should be a valid number"),
+    ("thresholds:\n  - {probe: a, metric: b, max: lots}\n", "field 'thresholds[0].max': must be a finite number"),
     ("regressions:\n  - {probe: a, metric: b, max_increase: -1}\n", "field 'regressions[0].max_increase'"),
     ("version: 2\nthresholds: []\n", "field 'version'"),
     ("thresholds: []\n", "no 'thresholds' and no 'regressions'"),
+    # a limit that is not a finite number would compare false with everything: fail open
+    ("thresholds:\n  - {probe: a, metric: b, max: .nan}\n", "field 'thresholds[0].max': must be a finite number"),
+    ("thresholds:\n  - {probe: a, metric: b, max: .NaN}\n", "field 'thresholds[0].max': must be a finite number"),
+    ("thresholds:\n  - {probe: a, metric: b, min: -.inf}\n", "field 'thresholds[0].min': must be a finite number"),
+    ("thresholds:\n  - {probe: a, metric: b, max: .inf}\n", "field 'thresholds[0].max': must be a finite number"),
+    ("thresholds:\n  - {probe: a, metric: b, max: nan}\n", "field 'thresholds[0].max': must be a finite number"),
+    ("thresholds:\n  - {probe: a, metric: b, max: '0.1'}\n", "field 'thresholds[0].max': must be a finite number"),
+    ("thresholds:\n  - {probe: a, metric: b, max: true}\n", "field 'thresholds[0].max': must be a finite number"),
+    ("regressions:\n  - {probe: a, metric: b, max_increase: .nan}\n",
+     "field 'regressions[0].max_increase': must be a finite number"),
+    ("regressions:\n  - {probe: a, metric: b, max_decrease: .inf}\n",
+     "field 'regressions[0].max_decrease': must be a finite number"),
 ])
 def test_gate_malformed_policy_exits_2(runs, tmp_path, monkeypatch, capsys, text, needle):
     pol = _policy(tmp_path, text)
-    assert main(["gate", runs["run"], "--policy", pol], monkeypatch) == 2
+    assert main(["gate", runs["run"], "--policy", pol, "--baseline", runs["run"]], monkeypatch) == 2
     err = _last_err(capsys)
     assert needle in err and pol in err
 
@@ -390,13 +711,19 @@ def test_gate_bad_paths_exit_2(runs, tmp_path, monkeypatch, capsys):
     assert "--baseline" in _last_err(capsys)
     assert main(["gate", runs["run"], "--policy", reg, "--baseline", tmp_path / "nobase"], monkeypatch) == 2
     assert "--baseline" in _last_err(capsys)
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "summary.json").write_text(json.dumps({"schema_version": 3, "metrics": []}))
+    assert main(["gate", odd, "--policy", good], monkeypatch) == 2
+    assert "unsupported schema_version 3" in _last_err(capsys)
 
 
 def _summary_dir(root, name, metrics):
     d = root / name
     d.mkdir()
-    (d / "summary.json").write_text(json.dumps({"schema_version": 1, "run_id": name, "metrics": [
-        {"probe": p, "metric": m, "value": v, "ci_low": None, "ci_high": None, "group": g, "n": 10}
+    (d / "summary.json").write_text(json.dumps({"schema_version": 2, "run_id": name, "metrics": [
+        {"probe": p, "metric": m, "value": v, "ci_low": None, "ci_high": None, "group": g, "n": 10,
+         "dims": {"scope": "overall" if g is None else "breakdown"}}
         for p, m, g, v in metrics]}))
     return d
 
@@ -414,7 +741,7 @@ def test_gate_baseline_regressions(tmp_path, monkeypatch, capsys):
     assert main(["gate", cand, "--policy", strict, "--baseline", base], monkeypatch) == 1
     out = capsys.readouterr().out
     assert "increased by 0.2 (> 0.05)" in out and "decreased by 0.02 (> 0.01)" in out
-    assert re.search(r"PASS\s+counterfactual_bias\.flip_rate\[gender\]", out)
+    assert re.search(r"PASS\s+regression\s+counterfactual_bias\.flip_rate\[gender\]", out)
     loose = _policy(tmp_path, {"regressions": [
         {"probe": "counterfactual_bias", "metric": "flip_rate", "group": "*", "max_increase": 0.5},
         {"probe": "modality_ablation", "metric": "accuracy", "max_decrease": 0.05}]}, "loose.yaml")
@@ -433,12 +760,34 @@ def test_gate_real_runs_against_parent(runs, tmp_path, monkeypatch, capsys):
     assert "against baseline" in capsys.readouterr().out
 
 
-def test_example_policy_is_valid(runs, monkeypatch):
-    from pathlib import Path
-
+def test_example_policies_work_as_documented(runs, monkeypatch, capsys):
     from audit.gate import load_policy
 
-    example = Path(__file__).resolve().parents[1] / "docs" / "policy.example.yaml"
+    example = ROOT / "docs" / "policy.example.yaml"
+    regressions = ROOT / "docs" / "policy.regressions.example.yaml"
     policy = load_policy(example)
-    assert policy.thresholds and policy.regressions and policy.system.intended_use
-    assert main(["gate", runs["child"], "--policy", example, "--baseline", runs["run"]], monkeypatch) in (0, 1)
+    assert policy.thresholds and not policy.regressions and policy.system.intended_use
+    # the README's command: thresholds only, no --baseline needed (a verdict, not bad input)
+    assert main(["gate", runs["run"], "--policy", example], monkeypatch) in (0, 1)
+    assert "gate: " in capsys.readouterr().out
+    reg = load_policy(regressions)
+    assert reg.regressions and not reg.thresholds
+    assert "needs --baseline" in regressions.read_text().splitlines()[0] or \
+           "--baseline" in "\n".join(regressions.read_text().splitlines()[:6])
+    assert main(["gate", runs["child"], "--policy", regressions], monkeypatch) == 2
+    assert "--baseline" in _last_err(capsys)
+    assert main(["gate", runs["child"], "--policy", regressions, "--baseline", runs["run"]], monkeypatch) in (0, 1)
+    assert "regression" in capsys.readouterr().out
+
+
+def test_report_reads_store_runs_of_both_versions(runs, tmp_path):
+    """The parent found through the store may be a version-1 run (its labels join the v2 run's)."""
+    v1 = json.loads((ROOT / "tests" / "fixtures" / "run_v1" / "summary.json").read_text())
+    store = tmp_path / "mixed.duckdb"
+    Store(store).record_run(v1, pd.read_parquet(ROOT / "tests" / "fixtures" / "run_v1" / "results.parquet"),
+                            run_dir=str(ROOT / "tests" / "fixtures" / "run_v1"))
+    child = tmp_path / "child"
+    hand_run(child, runs["data"], runs["model"], run_id="kid", seed=2, parent=v1["run_id"])
+    doc = build_document(child, store=store)
+    table = next(b for b in _section(doc, "mitigations")["blocks"] if b["type"] == "table")
+    assert any(r[:3] == ["group_fairness", "accuracy_difference", "group"] for r in table["rows"])

@@ -1,10 +1,14 @@
 """The audit report (`mmaudit report RUN_DIR --format html|pdf|json`).
 
-Modules: `load` (RUN_DIR, parent run, policy, probe metadata), `sections` (one function per
-report section, each returning plain data), `figures` (plotly figures as JSON), `regulation`
-(section -> EU AI Act / NIST AI RMF / Model Card mapping), `integrity` (SHA-256 manifest),
-`render` (HTML, JSON, PDF via headless Chromium), `assets` (manifest, images and heatmap
-overlays; torch-free, shared with the dashboard), `build` (ties it together).
+Modules: `load` (RUN_DIR, parent run, policy; metrics and rows as typed schema-v2 frames of
+any version), `meta` (what the catalog says about probes and metrics; typed breakdown
+labels; shared with the dashboard), `sections` (descriptive sections) and `results` (one
+section per catalog section, mitigations, targets), each returning plain data, `evidence`
+(charts and galleries from typed columns), `figures` (plotly figures as JSON), `regulation`
+(section -> EU AI Act / NIST AI RMF / Model Card mapping), `integrity` (confined, capped
+SHA-256 manifest), `output` (where a report may be written), `render` (HTML, JSON, PDF via
+headless Chromium), `assets` (manifest, images and heatmap overlays; torch-free, shared with
+the dashboard), `build` (ties it together).
 
 This package imports nothing heavy at import time, so the dashboard can use `assets`.
 """

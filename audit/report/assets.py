@@ -19,13 +19,15 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import numpy as np
 from PIL import Image
 
-__all__ = ["UnsafePath", "resolve_image", "read_manifest", "open_image", "parse_grid", "heatmap_grid",
-           "overlay_heatmap", "png_base64", "example_image", "predicted_answer", "MAX_PIXELS"]
+__all__ = ["UnsafePath", "resolve_image", "read_manifest", "manifest_record", "open_image", "heatmap_grid",
+           "overlay_heatmap", "png_base64", "example_image", "predicted_answer", "MAX_PIXELS", "MAX_MANIFEST_BYTES"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 PIL_FORMATS = ("PNG", "JPEG", "WEBP")
 MAX_PIXELS = 40_000_000
 MAX_MANIFEST_LINES = 2_000_000
+MAX_MANIFEST_BYTES = 512 * 2**20  # a larger (or sparse) file is not read: the reader must not hang
+MAX_GRID = 1024  # rows or columns of an image grid (patches, attention cells)
 ERR_ABSOLUTE = "image path {path!r} is absolute; only paths inside the data folder are read"
 ERR_ESCAPES = "image path {path!r} points outside the data folder"
 ERR_EXT = "image path {path!r} is not a PNG, JPEG or WebP file"
@@ -63,13 +65,17 @@ def read_manifest(data_dir: str | os.PathLike | None, ids: Iterable[str] | None 
     """{example id: manifest object} from DATA_DIR/manifest.jsonl ({} when it is gone).
 
     Lines that are not JSON objects with a string id are skipped: the audit already
-    validated the manifest; this reader only has to be safe, not strict.
+    validated the manifest; this reader only has to be safe, not strict. A manifest over
+    MAX_MANIFEST_BYTES reads as {} (the caller says the data folder is not available).
     `ids` keeps only those examples (saves memory on large manifests).
     """
     if not data_dir:
         return {}
     path = Path(data_dir) / "manifest.jsonl"
-    if not path.is_file():
+    try:
+        if not path.is_file() or path.stat().st_size > MAX_MANIFEST_BYTES:
+            return {}
+    except OSError:
         return {}
     keep = set(ids) if ids is not None else None
     out: dict[str, dict] = {}
@@ -84,6 +90,17 @@ def read_manifest(data_dir: str | os.PathLike | None, ids: Iterable[str] | None 
             if isinstance(obj, dict) and isinstance(obj.get("id"), str) and (keep is None or obj["id"] in keep):
                 out[obj["id"]] = obj
     return out
+
+
+def manifest_record(manifest: dict[str, dict], example_id) -> tuple[dict | None, bool]:
+    """(record, exact) of an example id. Version-1 rows named a prompt-rewritten counterfactual
+    member "<source id>~<value>"; such an id maps to its source example with exact=False
+    (version 2 keeps the source id and marks the member with variant "rewritten")."""
+    eid = str(example_id)
+    if eid in manifest:
+        return manifest[eid], True
+    source = eid.rsplit("~", 1)[0] if "~" in eid else None
+    return (manifest.get(source), False) if source else (None, False)
 
 
 def open_image(path: Path) -> Image.Image:
@@ -104,29 +121,22 @@ def example_image(data_dir: str | os.PathLike | None, record: dict | None) -> Im
         return None
 
 
-def parse_grid(variant: str | None) -> tuple[int, int] | None:
-    """`grid:RxC` -> (R, C)."""
-    if not isinstance(variant, str) or not variant.startswith("grid:"):
-        return None
-    try:
-        r, c = variant[5:].lower().split("x")
-        r, c = int(r), int(c)
-    except ValueError:
-        return None
-    return (r, c) if 0 < r <= 1024 and 0 < c <= 1024 else None
-
-
-def heatmap_grid(cells: Iterable[tuple[str, float]], grid: tuple[int, int]) -> np.ndarray:
-    """[R, C] array from (group "r,c", value) pairs; cells not given are NaN."""
-    rows, cols = grid
-    heat = np.full((rows, cols), np.nan)
-    for key, value in cells:
+def heatmap_grid(cells: Iterable[tuple[int, int, float]]) -> np.ndarray | None:
+    """[R, C] array from typed (grid_row, grid_col, value) cells, sized by the largest
+    indices; cells not given are NaN. None when no cell is valid."""
+    good = []
+    for r, c, v in cells:
         try:
-            r, c = (int(x) for x in str(key).split(","))
-        except ValueError:
+            r, c, v = int(r), int(c), float(v)
+        except (TypeError, ValueError):
             continue
-        if 0 <= r < rows and 0 <= c < cols and value is not None and math.isfinite(value):
-            heat[r, c] = float(value)
+        if 0 <= r < MAX_GRID and 0 <= c < MAX_GRID and math.isfinite(v):
+            good.append((r, c, v))
+    if not good:
+        return None
+    heat = np.full((max(r for r, _, _ in good) + 1, max(c for _, c, _ in good) + 1), np.nan)
+    for r, c, v in good:
+        heat[r, c] = v
     return heat
 
 

@@ -1,28 +1,20 @@
 """The report's building blocks: plain JSON-able dicts that `render` turns into HTML.
 
 A section is {"id", "title", "status", "references", "notes", "blocks"}; a block is one of
-text, note, kv (key/value pairs), list, table, figure, gallery. Numbers stay numbers (None
-for NaN) so the JSON report is data, and the HTML formats them.
+heading, text, note, kv (key/value pairs), list, table, figure, gallery. Numbers stay
+numbers (None for NaN) so the JSON report is data, and the HTML formats them.
 """
 from __future__ import annotations
 
 import math
-import re
 
 import pandas as pd
 
+from audit.report import meta
 from audit.report.regulation import references_for
 
-__all__ = ["section", "text", "note", "kv", "bullets", "table", "figure", "gallery", "num", "metric_table",
-           "group_kind", "better_direction", "CATEGORY_FALLBACK"]
-
-# Category of the probes named in CONTRACT.md, used when probe metadata cannot be loaded.
-CATEGORY_FALLBACK = {
-    "modality_ablation": "interpretability", "attention": "interpretability", "attention_knockout": "interpretability",
-    "mm_shap": "interpretability", "attribution": "interpretability", "activation_patching": "interpretability",
-    "counterfactual_bias": "fairness", "group_fairness": "fairness", "retrieval_skew": "fairness",
-    "hallucination": "safety", "typographic_attack": "safety", "robustness": "safety", "privacy_audit": "privacy",
-}
+__all__ = ["section", "heading", "text", "note", "kv", "bullets", "table", "figure", "gallery", "num",
+           "metric_table", "what_this_means"]
 
 
 def num(x):
@@ -87,36 +79,25 @@ def gallery(groups: list[dict], caption: str | None = None) -> dict | None:
     return {"type": "gallery", "caption": caption, "groups": groups} if groups else None
 
 
+def heading(s: str) -> dict:
+    return {"type": "heading", "text": str(s)}
+
+
+def what_this_means(frame: pd.DataFrame) -> dict | None:
+    """The catalog's one-line meaning of every metric in `frame` (shown under its table or chart)."""
+    return bullets(meta.meanings(frame), "What this means")
+
+
 def metric_table(df: pd.DataFrame, caption: str | None = None, *, with_probe: bool = True) -> dict:
-    cols = (["probe"] if with_probe else []) + ["metric", "group", "value", "95% CI low", "95% CI high", "n"]
+    """Typed metric rows: the catalog label, the breakdown from typed columns, and the
+    CONTRACT `group` label a policy names."""
+    cols = (["probe"] if with_probe else []) + ["metric", "measure", "breakdown", "group", "value", "95% CI low",
+                                                "95% CI high", "n", "unit"]
     rows = []
-    for r in df.itertuples(index=False):
-        rows.append(([r.probe] if with_probe else []) + [r.metric, r.group, num(r.value), num(r.ci_low),
-                                                         num(r.ci_high), None if pd.isna(r.n) else int(r.n)])
+    for r in df.to_dict(orient="records"):
+        n = r.get("n")
+        rows.append(([r["probe"]] if with_probe else []) + [
+            r["metric"], meta.metric_label(r["probe"], r["metric"]), meta.dims_label(r),
+            None if meta.is_missing(r.get("group")) else r["group"], num(r["value"]), num(r["ci_low"]),
+            num(r["ci_high"]), None if meta.is_missing(n) else int(n), meta.metric_unit(r["probe"], r["metric"])])
     return table(cols, rows, caption)
-
-
-_SINGLE = re.compile(r"^[^&=]+=[^&]*$")
-
-
-def group_kind(group) -> str:
-    """overall | disaggregated (attr=value) | intersectional (a=x&b=y) | comparison (attr, a&b) | other."""
-    if group is None or (isinstance(group, float) and math.isnan(group)):
-        return "overall"
-    g = str(group)
-    if "=" in g and "&" in g:
-        return "intersectional"
-    if _SINGLE.match(g):
-        return "disaggregated"
-    return "comparison"
-
-
-def better_direction(metric: str) -> int:
-    """+1 higher is better, -1 lower is better, 0 no agreed direction (colours before/after deltas)."""
-    m = str(metric).lower()
-    if any(k in m for k in ("mia", "epsilon", "tpr_at", "difference", "flip", "gap", "bias", "success", "skew",
-                            "ndkl", "incomplete")):
-        return -1
-    if any(k in m for k in ("accuracy", "f1", "precision", "recall", "parity_ratio", "odds_ratio")):
-        return 1
-    return 0

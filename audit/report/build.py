@@ -7,17 +7,22 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+from audit.catalog import SECTIONS
 from audit.errors import InputError
 from audit.report import results, sections
-from audit.report.integrity import integrity_manifest
+from audit.report.integrity import HashBudget, integrity_manifest
 from audit.report.load import load_bundle
+from audit.report.output import check_target
 from audit.report.render import print_pdf, render_html, render_json
+from audit.schema import metric_records
 
 __all__ = ["build_document", "build_report", "SECTION_IDS", "DOC_SCHEMA_VERSION"]
 
-DOC_SCHEMA_VERSION = 1
-SECTION_IDS = ("identity", "architecture", "data", "protocol", "fairness", "safety", "interpretability",
-               "mitigations", "privacy", "targets", "limitations", "manifest", "mapping")
+# 2: sections follow the catalog, metrics carry typed `dims`, tables have typed breakdowns.
+DOC_SCHEMA_VERSION = 2
+# The catalog's result sections sit between the protocol and the mitigations.
+SECTION_IDS = ("identity", "architecture", "data", "protocol", *SECTIONS, "mitigations", "targets", "limitations",
+               "manifest", "mapping")
 
 
 def _json_safe(obj):
@@ -36,15 +41,15 @@ def _json_safe(obj):
 
 
 def build_document(run_dir: str | Path, *, store: str | Path | None = None, baseline: str | Path | None = None,
-                   policy: str | Path | None = None) -> dict:
+                   policy: str | Path | None = None, hash_budget: HashBudget | None = None) -> dict:
     """The report as plain data: what the JSON format writes and the HTML renders."""
     b = load_bundle(run_dir, store=store, baseline=baseline, policy=policy)
-    integ = integrity_manifest(b.summary, b.run_dir)
-    secs = [sections.identity(b), sections.architecture(b), sections.data(b), sections.protocol(b),
-            results.fairness(b), results.safety(b), results.interpretability(b), results.mitigations(b),
-            results.privacy(b)]
+    integ = integrity_manifest(b.summary, b.run_dir, data_dir=b.data_dir, model_dir=b.model_dir, budget=hash_budget)
+    secs = [sections.identity(b), sections.architecture(b), sections.data(b), sections.protocol(b)]
+    secs += [results.result_section(b, sid) for sid in SECTIONS]
+    secs.append(results.mitigations(b))
     target_sec, target_results = results.targets(b)
-    secs += [target_sec, sections.limitations(b), sections.manifest(b, integ)]
+    secs += [target_sec, sections.limitations(b, integ), sections.manifest(b, integ)]
     titles = {s["id"]: s["title"] for s in secs}
     secs.append(sections.mapping(titles))
     for i, sec in enumerate(secs, start=1):
@@ -66,7 +71,7 @@ def build_document(run_dir: str | Path, *, store: str | Path | None = None, base
         "overview": {"findings": f"{sev.get('fail', 0)} fail, {sev.get('warning', 0)} warning, {sev.get('info', 0)} info",
                      "targets_verdict": verdict,
                      "sections": {x["id"]: x["status"] for x in secs}},
-        "metrics": s.get("metrics") or [],
+        "metrics": metric_records(b.metrics),
         "findings": s.get("findings") or [],
         "targets": target_results,
         "integrity": integ,
@@ -91,12 +96,19 @@ def _write_atomic(path: Path, write) -> None:
 
 def build_report(run_dir: str | Path, fmt: str = "html", *, out: str | Path | None = None,
                  store: str | Path | None = None, baseline: str | Path | None = None,
-                 policy: str | Path | None = None) -> Path:
-    """Write RUN_DIR/report.<fmt> (or `out`) and return its path."""
+                 policy: str | Path | None = None, force: bool = False) -> Path:
+    """Write RUN_DIR/report.<fmt> (or `out`) and return its path.
+
+    Never over an input of the run, nor into the model or data folder; over an existing
+    file only when it is a report mmaudit wrote, or with `force` (output.check_target)."""
     if fmt not in ("html", "pdf", "json"):
         raise InputError(f"unknown format {fmt!r}; choose html, pdf or json", where="--format")
     run_dir = Path(run_dir)
     target = Path(out) if out else run_dir / f"report.{fmt}"
+    from audit.gate import load_summary
+
+    summary = load_summary(run_dir)
+    check_target(target, run_dir=run_dir, summary=summary, force=force)
     if not target.parent.is_dir():
         raise InputError("the folder for the report does not exist", where=str(target.parent))
     if fmt == "pdf":  # fail before the work when Chromium is missing
@@ -105,6 +117,7 @@ def build_report(run_dir: str | Path, fmt: str = "html", *, out: str | Path | No
         if find_chromium() is None:
             raise InputError(ERR_NO_CHROMIUM, where="--format pdf")
     doc = build_document(run_dir, store=store, baseline=baseline, policy=policy)
+    check_target(target, run_dir=run_dir, summary=summary, force=force)  # again: the build takes a while
     if fmt == "json":
         _write_atomic(target, lambda p: p.write_text(render_json(doc), encoding="utf-8"))
     elif fmt == "html":

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from audit.errors import InputError
+from audit.report.output import HTML_MARK
 
 __all__ = ["render_html", "render_json", "print_pdf", "find_chromium", "ERR_NO_CHROMIUM", "CHROMIUM_ENV"]
 
@@ -169,6 +170,8 @@ def _gallery(b: dict) -> str:
 
 def _block(b: dict, fig_id: str, nonce: str) -> str:
     t = b.get("type")
+    if t == "heading":
+        return f"<h3>{_e(b.get('text'))}</h3>"
     if t == "text":
         return f"<p>{_e(b.get('text'))}</p>"
     if t == "note":
@@ -240,7 +243,7 @@ def render_html(doc: dict, *, plotly_js: str | None = None, cover: bool = True) 
     js = f'<script nonce="{nonce}">{safe_js}</script>' if has_fig else ""
     csp = (f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'unsafe-inline'; img-src data:; "
            "font-src data:; connect-src 'none'; base-uri 'none'; form-action 'none'")
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">" + HTML_MARK.decode() +
             f'<meta http-equiv="Content-Security-Policy" content="{csp}">'
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>{_e(doc.get('title'))}</title><style>{CSS}</style>{js}</head><body><main>"

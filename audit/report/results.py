@@ -1,32 +1,20 @@
-"""Result sections: fairness, safety, interpretability, mitigations, privacy and targets.
+"""Result sections: one per catalog section (audit.catalog.SECTIONS), mitigations and targets.
 
-Generic over probes and metrics: a probe's category (ProbeInfo) picks its section, and a
-metric row's `group` says whether it is overall, disaggregated (`attr=value`),
-intersectional (`a=x&b=y`) or a comparison (`attr`). Only the pieces that are about one
-kind of evidence read one probe's rows: counterfactual pairs (`counterfactual_bias`) and
-attention heatmaps (`attention`, metric `attention_heatmap`).
+A probe appears in the section its catalog spec names; inside it, its overall rows, its
+grouped rows by `scope` (group, intersection, comparison, breakdown) with charts, and the
+evidence its result rows carry (layer x head maps, image-grid heatmaps, counterfactual
+sets: `evidence`). Titles, labels, units, meanings and directions come from the catalog.
 """
 from __future__ import annotations
 
-import re
-
 import pandas as pd
 
-from audit.report import figures
-from audit.report.assets import (
-    example_image,
-    heatmap_grid,
-    overlay_heatmap,
-    parse_grid,
-    png_base64,
-    predicted_answer,
-)
+from audit.catalog import SECTIONS
+from audit.report import evidence, figures, meta
 from audit.report.blocks import (
-    better_direction,
     bullets,
     figure,
-    gallery,
-    group_kind,
+    heading,
     kv,
     metric_table,
     note,
@@ -34,223 +22,97 @@ from audit.report.blocks import (
     section,
     table,
     text,
+    what_this_means,
 )
-from audit.report.load import METRIC_COLUMNS, RunBundle
-from audit.report.sections import category_of, missing_note
+from audit.report.load import RunBundle
 
-__all__ = ["fairness", "safety", "interpretability", "mitigations", "privacy", "targets", "better_direction"]
+__all__ = ["result_section", "mitigations", "targets", "missing_note", "SCOPES_SHOWN"]
 
-MAX_FIGS = 4
-N_PAIRS = 4
-N_HEATMAPS = 6
-_LAYER = re.compile(r"^layer:(\d+)$")
+SCOPES_SHOWN = ("group", "intersection", "comparison", "breakdown")
+# The privacy audit's bound against the DP accountant's guarantee (the DP record of the model).
+EPS_LOWER, EPS_THEORY = "epsilon_lower_bound", "epsilon_theoretical"
 
 
-def _probes(b: RunBundle, category: str) -> list[str]:
-    return sorted(p for p in b.probes_with_metrics() if category_of(b, p) == category)
+def missing_note(b: RunBundle, sid: str) -> dict:
+    expected = meta.expected_probes(section=sid)
+    skipped = b.skipped()
+    reasons = [f"{p}: {m}" for p in expected for m in skipped.get(p, [])]
+    msg = (f"No probe of this section produced results in this run (the catalog places here: "
+           f"{', '.join(expected) or 'none'}). This section has no evidence; run them with "
+           "`mmaudit run --probes ...`.")
+    if reasons:
+        msg += " Recorded reasons: " + " | ".join(reasons)
+    return note(msg, "missing")
 
 
 def _findings(b: RunBundle, probes: list[str]) -> dict | None:
-    items = [f"[{f.get('severity')}] {f.get('probe')}: {f.get('message')}" for f in b.summary.get("findings") or []
-             if f.get("probe") in probes]
-    return bullets(items, "Findings")
+    return bullets([f"[{f.get('severity')}] {f.get('probe')}: {f.get('message')}" for f in b.findings(probes)],
+                   "Findings")
 
 
-def _bar_figures(m: pd.DataFrame, kinds: tuple[str, ...], title: str, limit: int = MAX_FIGS) -> list[dict]:
-    """One bar chart per (probe, metric) with at least two rows of the given group kinds."""
-    out = []
-    sel = m[m.group.map(group_kind).isin(kinds) & ~m.group.fillna("").str.match(_LAYER)]
-    for (probe, metric), g in sel.groupby(["probe", "metric"], sort=True):
-        g = g[g.value.notna()]
-        if len(g) < 2:
-            continue
-        labels = [str(x) if x is not None and not pd.isna(x) else "overall" for x in g.group]
-        out.append(figure(figures.bar_ci(f"{probe} · {metric} {title}", labels, g.value, g.ci_low, g.ci_high,
-                                         axis=metric)))
-        if len(out) >= limit:
-            break
-    return out
-
-
-# --------------------------------------------------------------------------- fairness
-def _pair_gallery(b: RunBundle) -> dict | None:
-    rows = b.rows[b.rows.probe == "counterfactual_bias"]
-    if rows.empty:
-        return None
-    flip = rows[rows.metric == "flip"].groupby("site").value.max()
-    gap = rows[rows.metric == "logprob_gap"].groupby("site").value.max()
-    order = pd.DataFrame({"flip": flip, "gap": gap}).fillna(0).sort_values(["flip", "gap"], ascending=False)
+def probe_blocks(b: RunBundle, probe: str) -> list:
+    spec = meta.spec_of(probe)
+    m = b.metrics[b.metrics.probe == probe]
+    rows = b.rows[b.rows.probe == probe]
+    blocks = [heading(f"{spec.title} ({probe})"), text(f"{spec.description} Method: {spec.citation}.")]
+    overall = m[m.scope == "overall"]
+    if len(overall):
+        blocks += [metric_table(overall, "Overall", with_probe=False), what_this_means(overall)]
+    blocks += evidence.bar_figures(m) + evidence.layer_curves(m)
+    for scope in SCOPES_SHOWN:
+        part = m[m.scope == scope]
+        if len(part):
+            blocks += [metric_table(part, meta.SCOPE_TITLES[scope], with_probe=False), what_this_means(part)]
     manifest, data_dir = b.manifest(), b.data_dir
-    members = rows[rows.metric.isin(["pred_first", "p_first", "target_logprob"])]
-    groups = []
-    for set_id in order.index[:N_PAIRS]:
-        part = members[members.site == set_id]
-        attr = part.group.dropna().iloc[0] if part.group.notna().any() else "attribute"
-        wide = part.pivot_table(index=["example_id", "variant"], columns="metric", values="value", aggfunc="mean")
-        items = []
-        for (eid, value), r in sorted(wide.iterrows(), key=lambda kv_: str(kv_[0][1])):
-            rec = manifest.get(eid) or manifest.get(str(eid).split("~")[0])
-            img = example_image(data_dir, rec)
-            lines = [f"{attr} = {value}", f"example: {eid}"]
-            if rec and eid in manifest:
-                lines.append(f"prompt: {rec.get('prompt')}")
-            elif rec:
-                lines.append(f"prompt: the prompt of {rec.get('id')} with its {attr} term set to {value}")
-            ans = predicted_answer(rec, num(r.get("pred_first")))
-            if ans is not None:
-                lines.append(f"model answer: {ans}")
-            if num(r.get("p_first")) is not None and rec and rec.get("choices"):
-                lines.append(f"P({rec['choices'][0]}) = {r['p_first']:.3f}")
-            if num(r.get("target_logprob")) is not None:
-                lines.append(f"log p(target) = {r['target_logprob']:.3f}")
-            items.append({"title": str(value), "png": png_base64(img) if img is not None else None, "lines": lines})
-        flipped = "answer flips" if order.loc[set_id, "flip"] >= 0.5 else "same answer"
-        groups.append({"title": f"set {set_id} ({attr}): {flipped}, |log-prob gap| {order.loc[set_id, 'gap']:.3f}",
-                       "items": items})
-    caption = "Counterfactual sets with the largest effect (flips first, then log-probability gap)"
-    if data_dir is None:
-        caption += "; images are not shown because the data folder is not available"
-    return gallery(groups, caption)
+    blocks += evidence.layer_head_heatmaps(rows)
+    blocks += evidence.grid_gallery(rows, manifest=manifest, data_dir=data_dir)
+    blocks += evidence.set_gallery(rows, manifest=manifest, data_dir=data_dir)
+    blocks.append(_findings(b, [probe]))
+    return blocks
 
 
-def fairness(b: RunBundle) -> dict:
-    probes = _probes(b, "fairness")
+def _privacy_record(b: RunBundle, probes: list[str]) -> tuple[list, list[str]]:
+    """The model's DP training record and, when both exist, the audit's ε bound against it."""
+    blocks, notes = [], []
+    dp = (b.model_json("defense.json") or {}).get("privacy") or {}
+    if dp:
+        blocks.append(kv([(k, dp.get(k)) for k in ("epsilon", "delta", "accountant", "steps", "noise_multiplier",
+                                                   "sample_rate", "target_epsilon", "n_train")],
+                         "Theoretical guarantee from the DP training record (ε at δ)"))
+    m = b.metrics[b.metrics.probe.isin(probes) & (b.metrics.scope == "overall")]
+    get = {r["metric"]: num(r["value"]) for r in m.to_dict(orient="records")}
+    lower, theory = get.get(EPS_LOWER), get.get(EPS_THEORY)
+    theory = theory if theory is not None else num(dp.get("epsilon"))
+    if lower is None and theory is None:
+        return blocks, notes
+    blocks.append(kv([("ε theoretical (upper bound)", theory if theory is not None else "not a DP model"),
+                      ("ε empirical (lower bound, 95% confidence)", lower)], "ε theoretical and empirical"))
+    if lower is not None and theory is not None and lower > theory + 1e-9:
+        blocks.append(note(f"The empirical lower bound ({lower:.3g}) exceeds the theoretical ε ({theory:.3g}). The "
+                           "bound holds with 95% confidence, so this says, with a false-alarm rate of at most 5%, "
+                           "that the DP accounting or its implementation is wrong.", "warning"))
+        notes.append("empirical ε above theoretical ε")
+    return blocks, notes
+
+
+def result_section(b: RunBundle, sid: str) -> dict:
+    """The report section `sid` of the catalog: every probe the catalog places there."""
+    title = SECTIONS[sid]
+    probes = meta.probes_where(b.ran(), section=sid)
+    record, notes = _privacy_record(b, probes) if sid == "privacy" else ([], [])
     if not probes:
-        return section("fairness", "Fairness results",
-                       [missing_note(b, "fairness", ("group_fairness", "counterfactual_bias", "retrieval_skew"))],
-                       status="missing", notes=["no fairness probe ran"])
-    m = b.metrics[b.metrics.probe.isin(probes)]
-    kinds = m.group.map(group_kind)
-    blocks = []
-    dis = m[kinds == "disaggregated"]
-    blocks.append(text("Disaggregated results: each metric per value of each sensitive attribute, with 95% intervals."))
-    blocks += [metric_table(dis, "Per-group metrics")] if len(dis) else [note("No per-group rows in this run.")]
-    blocks += _bar_figures(dis, ("disaggregated",), "by group")
-    inter = m[kinds == "intersectional"]
-    blocks.append(text("Intersectional results: groups defined by two attributes at once."))
-    if len(inter):
-        blocks += [metric_table(inter, "Intersectional metrics"),
-                   *_bar_figures(inter, ("intersectional",), "by intersection", 2)]
-    else:
-        blocks.append(note("No intersectional rows in this run (group_fairness with two or more attributes "
-                           "produces them)."))
-    comp = m[kinds.isin(["comparison", "overall"])]
-    blocks.append(text("Comparisons between groups and counterfactual effects per attribute."))
-    blocks.append(metric_table(comp, "Differences, ratios, counterfactual flip rates and tests per attribute"))
-    if "counterfactual_bias" in probes:
-        blocks += _bar_figures(m[m.probe == "counterfactual_bias"], ("comparison",), "by attribute", 2)
-        blocks.append(_pair_gallery(b))
-    else:
-        blocks.append(note("counterfactual_bias did not run: no counterfactual pairs to show.", "missing"))
-    blocks.append(_findings(b, probes))
-    return section("fairness", "Fairness results", blocks)
-
-
-# ----------------------------------------------------------------------------- safety
-def safety(b: RunBundle) -> dict:
-    probes = _probes(b, "safety")
-    acc = b.metrics[b.metrics.metric.str.contains("accuracy", na=False) & ~b.metrics.probe.isin(probes)
-                    & (b.metrics.group.isna() | (b.metrics.group == "none"))]
-    blocks = []
-    if len(acc):
-        blocks.append(metric_table(acc, "Accuracy measured by other probes (unperturbed inputs)"))
-    if not probes:
-        blocks.insert(0, missing_note(b, "safety", ("hallucination", "typographic_attack", "robustness")))
-        return section("safety", "Accuracy, robustness and safety", blocks, status="missing",
-                       notes=["no safety probe ran"])
-    m = b.metrics[b.metrics.probe.isin(probes)]
-    overall = m[m.group.isna()]
-    blocks.append(metric_table(m, "Safety and robustness metrics"))
-    if len(overall) >= 2:
-        labels = [f"{p} · {x}" for p, x in zip(overall.probe, overall.metric)]
-        blocks.append(figure(figures.bar_ci("Safety metrics (overall)", labels, overall.value, overall.ci_low,
-                                            overall.ci_high)))
-    blocks += _bar_figures(m, ("comparison", "disaggregated"), "by condition", 3)
-    missing = [p for p in ("hallucination", "typographic_attack", "robustness") if p not in probes]
-    if missing:
-        blocks.append(note(f"Not run: {', '.join(missing)}.", "missing"))
-    blocks.append(_findings(b, probes))
-    return section("safety", "Accuracy, robustness and safety", blocks,
-                   status="partial" if missing else "complete", notes=[f"{p} did not run" for p in missing])
-
-
-# --------------------------------------------------------------------- interpretability
-def _layer_curves(m: pd.DataFrame) -> dict | None:
-    series = {}
-    for (probe, metric), g in m[m.group.fillna("").str.match(_LAYER)].groupby(["probe", "metric"]):
-        series[f"{probe} · {metric}"] = [(int(_LAYER.match(r.group).group(1)), r.value, r.ci_low, r.ci_high)
-                                         for r in g.itertuples()]
-    if not series:
-        return None
-    return figure(figures.lines("Per-layer curves", series, xaxis="layer", yaxis="value"),
-                  "Metrics reported per decoder layer (shaded: 95% interval)")
-
-
-def _head_heatmap(b: RunBundle) -> dict | None:
-    r = b.rows[(b.rows.probe == "attention") & (b.rows.metric == "image_attention_share")]
-    if r.empty:
-        return None
-    layer = r.site.str.extract(r"blocks\.(\d+)\.")[0]
-    head = r.variant.str.extract(r"head:(\d+)")[0]
-    t = pd.DataFrame({"layer": pd.to_numeric(layer), "head": pd.to_numeric(head), "v": r.value}).dropna()
-    if t.empty:
-        return None
-    z = t.pivot_table(index="layer", columns="head", values="v", aggfunc="mean").sort_index().sort_index(axis=1)
-    return figure(figures.heatmap("Image attention share per layer and head (mean over examples)", z.values.tolist(),
-                                  x=[f"head {h}" for h in z.columns], y=[f"layer {i}" for i in z.index],
-                                  xaxis="head", yaxis="layer"))
-
-
-def _heatmap_gallery(b: RunBundle) -> dict | None:
-    r = b.rows[(b.rows.probe == "attention") & (b.rows.metric == "attention_heatmap")]
-    if r.empty:
-        return None
-    share = b.rows[(b.rows.probe == "attention") & (b.rows.metric == "image_attention_share")]
-    share = share.groupby("example_id").value.mean()
-    manifest, data_dir, items = b.manifest(), b.data_dir, []
-    for eid in sorted(r.example_id.dropna().unique())[:N_HEATMAPS]:
-        part = r[r.example_id == eid]
-        grid = parse_grid(part.variant.dropna().iloc[0] if part.variant.notna().any() else None)
-        if grid is None:
-            continue
-        heat = heatmap_grid(zip(part.group, part.value), grid)
-        rec = manifest.get(eid)
-        img = example_image(data_dir, rec)
-        lines = [f"example: {eid}", f"grid {grid[0]}x{grid[1]}"]
-        if rec:
-            lines.append(f"prompt: {rec.get('prompt')}")
-        if eid in share.index:
-            lines.append(f"image attention share {share[eid]:.3f}")
-        items.append({"title": str(eid), "png": png_base64(overlay_heatmap(img, heat)), "lines": lines})
-    caption = ("Attention from the answer position over the image grid (mean over layers and heads, min-max scaled, "
-               "blended over the image)")
-    if data_dir is None:
-        caption += "; the data folder is not available, so the heatmaps are drawn without their images"
-    return gallery([{"title": "attention heatmaps", "items": items}], caption) if items else None
-
-
-def interpretability(b: RunBundle) -> dict:
-    probes = _probes(b, "interpretability")
-    if not probes:
-        return section("interpretability", "Interpretability and modality reliance",
-                       [missing_note(b, "interpretability", ("modality_ablation", "attention", "mm_shap",
-                                                             "attention_knockout", "attribution"))],
-                       status="missing", notes=["no interpretability probe ran"])
-    m = b.metrics[b.metrics.probe.isin(probes)]
-    blocks = [metric_table(m[m.group.isna()], "Modality reliance and attention (overall)")]
-    rel = m[m.metric.isin(["image_reliance", "text_reliance", "v_shap", "t_shap"])]
-    if len(rel):
-        labels = [f"{r.metric}" + (f" ({r.group})" if isinstance(r.group, str) else "") for r in rel.itertuples()]
-        blocks.append(figure(figures.bar_ci("Modality reliance (0 = that modality is not used)", labels, rel.value,
-                                            rel.ci_low, rel.ci_high, axis="reliance")))
-    blocks += [_layer_curves(m), _head_heatmap(b), _heatmap_gallery(b)]
-    if "attention" not in probes:
-        blocks.append(note("attention did not run: no attention heatmaps.", "missing"))
-    grouped = m[m.group.notna() & ~m.group.fillna("").str.match(_LAYER)]
-    if len(grouped):
-        blocks.append(metric_table(grouped, "Grouped rows (per ablation, condition or block pair)"))
-    blocks.append(_findings(b, probes))
-    return section("interpretability", "Interpretability and modality reliance", blocks)
+        return section(sid, title, [missing_note(b, sid), *record], status="missing",
+                       notes=["no probe of this section ran"])
+    blocks = [text(f"Probes in this section that ran: {', '.join(probes)}.")]
+    for p in probes:
+        blocks += probe_blocks(b, p)
+    blocks += record
+    not_run = [p for p in meta.expected_probes(section=sid) if p not in probes]
+    requested = [p for p in not_run if p in b.requested_probes()]
+    if not_run:
+        blocks.append(note(f"Not run: {', '.join(not_run)}.", "missing" if requested else "info"))
+    notes += [f"{p} was requested and produced no results" for p in requested]
+    return section(sid, title, blocks, status="partial" if notes else "complete", notes=notes)
 
 
 # ------------------------------------------------------------------------ mitigations
@@ -269,6 +131,25 @@ def _defense_block(record: dict) -> list:
     return out
 
 
+def _keyed(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows keyed by (probe, metric, group label, occurrence): the label is what both versions share."""
+    out = frame.assign(g=frame.group.astype("object").where(frame.group.notna(), "\0overall"))
+    return out.assign(k=out.groupby(["probe", "metric", "g"], sort=False).cumcount())
+
+
+def _disjoint(r) -> bool | None:
+    lo, hi, blo, bhi = (num(r[c]) for c in ("ci_low", "ci_high", "ci_low_before", "ci_high_before"))
+    if None in (lo, hi, blo, bhi):
+        return None
+    return hi < blo or bhi < lo
+
+
+def _change(delta, sign) -> str | None:
+    if delta is None or sign == 0 or abs(delta) < 1e-12:
+        return None
+    return "better" if delta * sign > 0 else "worse"
+
+
 def mitigations(b: RunBundle) -> dict:
     blocks = []
     record = b.model_json("defense.json")
@@ -282,64 +163,40 @@ def mitigations(b: RunBundle) -> dict:
                                "with, its model has no defense.json, and no --baseline was given.", "missing"))
         return section("mitigations", "Mitigations: before and after", blocks,
                        status="partial" if record else "missing", notes=["no before/after comparison"])
-    key = ["probe", "metric", "group"]
-    before = pd.DataFrame(b.parent.get("metrics") or [], columns=METRIC_COLUMNS)
-    both = b.metrics.merge(before, on=key, suffixes=("", "_before"), how="inner")
-    both["delta"] = pd.to_numeric(both.value, errors="coerce") - pd.to_numeric(both.value_before, errors="coerce")
-    both["dir"] = both.metric.map(better_direction)
+    before = _keyed(b.parent_metrics)
+    both = _keyed(b.metrics).merge(before[["probe", "metric", "g", "k", "value", "ci_low", "ci_high"]],
+                                   on=["probe", "metric", "g", "k"], suffixes=("", "_before"), how="inner")
+    both["delta"] = both.value - both.value_before
     both = both.reindex(both.delta.abs().sort_values(ascending=False, na_position="last").index)
-    blocks.insert(0, kv([("this run", b.run_id), ("compared with", b.parent.get("run_id")), ("found via", b.parent_source),
-                         ("metric rows in both", len(both))]))
-
-    def verdict(d, s):
-        return None if d is None or s == 0 or abs(d) < 1e-12 else ("better" if d * s > 0 else "worse")
-
-    rows = [[r.probe, r.metric, r.group, num(r.value_before), num(r.value), num(r.delta), verdict(num(r.delta), r.dir)]
-            for r in both.itertuples()]
-    top = both[both.group.map(group_kind).isin(["overall", "comparison"]) & both.delta.notna()].head(20)
-    if len(top):
-        labels = [f"{r.probe} · {r.metric}" + (f" [{r.group}]" if isinstance(r.group, str) else "") for r in top.itertuples()]
-        better = [None if r.dir == 0 or r.delta == 0 else (r.delta * r.dir > 0) for r in top.itertuples()]
-        blocks.append(figure(figures.delta_bars("Largest changes: this run − the compared run", labels, top.delta, better),
-                             "green: improvement, red: regression, grey: no agreed direction"))
-    blocks.append(table(["probe", "metric", "group", "before", "after", "after − before", "change"], rows,
-                        "Every metric present in both runs, largest change first"))
+    recs = both.to_dict(orient="records")
+    blocks.insert(0, kv([("this run", b.run_id), ("compared with", b.parent.get("run_id")),
+                         ("found via", b.parent_source), ("metric rows in both", len(both))]))
+    rows = []
+    for r in recs:
+        d = num(r["delta"])
+        rows.append([r["probe"], r["metric"], None if meta.is_missing(r["group"]) else r["group"],
+                     num(r["value_before"]), num(r["value"]), d, _change(d, meta.direction(r["probe"], r["metric"])),
+                     _disjoint(r)])
+    top = [r for r in recs if r["scope"] in ("overall", "comparison") and num(r["delta"]) is not None][:20]
+    if top:
+        labels = [f"{r['probe']} · {meta.metric_label(r['probe'], r['metric'])}"
+                  + ("" if meta.is_missing(r["group"]) else f" [{r['group']}]") for r in top]
+        better = [None if (c := _change(num(r["delta"]), meta.direction(r["probe"], r["metric"]))) is None
+                  else c == "better" for r in top]
+        blocks.append(figure(figures.delta_bars("Largest changes: this run − the compared run", labels,
+                                                [r["delta"] for r in top], better),
+                             "green: improvement, red: regression, grey: no agreed direction (the catalog's direction "
+                             "of each metric)"))
+    blocks.append(table(["probe", "metric", "group", "before", "after", "after − before", "change",
+                         "95% intervals disjoint"], rows, "Every metric present in both runs, largest change first"))
+    blocks.append(text("'change' is the direction of the point estimates only. '95% intervals disjoint' marks changes "
+                       "whose two 95% intervals do not overlap, a conservative test of a real difference (false-alarm "
+                       "rate below 5% for each row, not corrected for the number of rows)."))
     only_before = sorted(set(zip(before.probe, before.metric)) - set(zip(b.metrics.probe, b.metrics.metric)))
     if only_before:
         blocks.append(note("Measured before but not in this run: " + ", ".join(f"{p}.{x}" for p, x in only_before[:30]),
                            "warning"))
     return section("mitigations", "Mitigations: before and after", blocks)
-
-
-# ---------------------------------------------------------------------------- privacy
-def privacy(b: RunBundle) -> dict:
-    blocks, notes = [], []
-    m = b.metrics[b.metrics.probe == "privacy_audit"]
-    record = b.model_json("defense.json") or {}
-    dp = record.get("privacy") or {}
-    if dp:
-        blocks.append(kv([(k, dp.get(k)) for k in ("epsilon", "delta", "accountant", "steps", "noise_multiplier",
-                                                   "sample_rate", "target_epsilon", "n_train")],
-                         "Theoretical guarantee from the DP training record (ε at δ)"))
-    if m.empty:
-        notes.append("privacy_audit did not run")
-        blocks.append(missing_note(b, "privacy", ("privacy_audit",)))
-        if not dp:
-            blocks.append(note("The model has no DP training record either: no theoretical ε to report.", "info"))
-        return section("privacy", "Privacy", blocks, status="missing", notes=notes)
-    blocks.insert(0, metric_table(m, "Empirical privacy audit (membership inference on canaries)", with_probe=False))
-    get = {(r.metric, r.group if isinstance(r.group, str) else None): num(r.value) for r in m.itertuples()}
-    eps_lb, eps_th = get.get(("epsilon_lower_bound", None)), get.get(("epsilon_theoretical", None))
-    eps_th = eps_th if eps_th is not None else num(dp.get("epsilon"))
-    blocks.append(kv([("ε theoretical (upper bound)", eps_th if eps_th is not None else "not a DP model"),
-                      ("ε empirical (lower bound)", eps_lb), ("MIA AUC", get.get(("mia_auc", None))),
-                      ("TPR at 1% FPR", get.get(("tpr_at_1pct_fpr", None)))], "ε theoretical and empirical"))
-    if eps_lb is not None and eps_th is not None and eps_lb > eps_th + 1e-9:
-        blocks.append(note(f"The empirical lower bound ({eps_lb:.3g}) exceeds the theoretical ε ({eps_th:.3g}): the "
-                           "DP accounting or its implementation is wrong.", "warning"))
-        notes.append("empirical ε above theoretical ε")
-    blocks.append(_findings(b, ["privacy_audit"]))
-    return section("privacy", "Privacy", blocks, status="partial" if notes else "complete", notes=notes)
 
 
 # ---------------------------------------------------------------------------- targets
@@ -360,7 +217,7 @@ def targets(b: RunBundle) -> tuple[dict, list[dict]]:
                           f"{sum(r['status'] == 'pass' for r in results)} passed, "
                           f"{sum(r['status'] == 'fail' for r in results)} failed, "
                           f"{sum(r['status'] == 'skip' for r in results)} skipped."))
-    blocks.append(table(["status", "rule", "value", "baseline", "limit", "reason"],
-                        [[r["status"], r["rule"], r["value"], r["baseline"], r["limit"], r["reason"]] for r in results],
-                        "Targets", status_col="status"))
+    blocks.append(table(["status", "kind", "rule", "value", "baseline", "limit", "reason"],
+                        [[r["status"], r["kind"], r["rule"], r["value"], r["baseline"], r["limit"], r["reason"]]
+                         for r in results], "Targets", status_col="status"))
     return section("targets", "User-set targets", blocks, status="complete"), results

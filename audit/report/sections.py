@@ -1,7 +1,8 @@
 """Descriptive sections: identity, architecture, data, protocol, limitations, mapping, manifest.
 
-The result sections (fairness, safety, interpretability, mitigations, privacy, targets) live
-in `results.py`. Each function takes the RunBundle and returns one section dict.
+The result sections (one per catalog section, mitigations, targets) live in `results.py`.
+Each function takes the RunBundle and returns one section dict. What a probe is, where it
+is shown and which probes exist come from the catalog (`audit.report.meta`).
 """
 from __future__ import annotations
 
@@ -12,43 +13,27 @@ from pathlib import Path
 
 import pandas as pd
 
-from audit.report import regulation
-from audit.report.blocks import (
-    CATEGORY_FALLBACK,
-    bullets,
-    kv,
-    metric_table,
-    note,
-    section,
-    table,
-    text,
-)
-from audit.report.load import RunBundle
+from audit.catalog import SECTIONS, suite_probes
+from audit.report import meta, regulation
+from audit.report.blocks import bullets, kv, metric_table, note, section, table, text, what_this_means
+from audit.report.load import RunBundle, read_small_json
 
-__all__ = ["identity", "architecture", "data", "protocol", "limitations", "mapping", "manifest", "category_of",
-           "missing_note", "SENSITIVE_FALLBACK"]
+__all__ = ["identity", "architecture", "data", "protocol", "limitations", "mapping", "manifest",
+           "SENSITIVE_FALLBACK"]
 
 SENSITIVE_FALLBACK = ("group", "gender", "gender_word", "sex", "race", "race_ethnicity", "ethnicity", "religion",
                       "age", "age_group", "nationality", "disability", "skin_tone")
-FULL_SUITE = ("modality_ablation", "attention", "attention_knockout", "mm_shap", "attribution", "activation_patching",
-              "counterfactual_bias", "group_fairness", "retrieval_skew", "hallucination", "typographic_attack",
-              "robustness", "privacy_audit")
 SUB_CONFIG_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                    "intermediate_size", "vocab_size", "image_size", "patch_size", "max_position_embeddings")
 
 
-def category_of(b: RunBundle, probe: str) -> str:
-    return (b.infos.get(probe) or {}).get("category") or CATEGORY_FALLBACK.get(probe, "other")
-
-
-def missing_note(b: RunBundle, category: str, expected: tuple[str, ...]) -> dict:
-    skipped = b.skipped()
-    reasons = [f"{p}: {m}" for p in expected for m in skipped.get(p, [])]
-    msg = (f"No {category} probe produced results in this run (expected one of: {', '.join(expected)}). "
-           "This section has no evidence; run them with `mmaudit run --probes ...`.")
-    if reasons:
-        msg += " Recorded reasons: " + " | ".join(reasons)
-    return note(msg, "missing")
+INTERVALS = {
+    1: "95% percentile bootstrap over examples or counterfactual sets (1000 resamples, seeded from the run seed) "
+       "unless the probe's description says otherwise; p-values from seeded permutation tests",
+    2: "95% intervals: Wilson for proportions, a seeded BCa bootstrap over examples for means (the exact bound when "
+       "every value sits at one end of a bounded scale), unless the probe's description says otherwise; p-values "
+       "from seeded permutation tests (audit.stats)",
+}
 
 
 # --------------------------------------------------------------------------- identity
@@ -110,7 +95,7 @@ def architecture(b: RunBundle) -> dict:
     else:
         items += [("model_type", cfg.get("model_type")), ("classes", ", ".join(map(str, cfg.get("architectures") or []))),
                   ("dtype", cfg.get("dtype") or cfg.get("torch_dtype"))]
-        weights = sorted(b.model_dir.glob("*.safetensors"))
+        weights = sorted(w for w in b.model_dir.glob("*.safetensors") if w.is_file() and not w.is_symlink())
         if weights:
             n_params = _param_count(weights)
             mib = sum(w.stat().st_size for w in weights) / 2**20
@@ -207,58 +192,65 @@ def data(b: RunBundle) -> dict:
     else:
         blocks.append(note("No sensitive attribute occurs on closed-choice questions, so the answer distribution "
                            "per group cannot be examined.", "info"))
-    card = Path(d["path"]) / "datacard.json" if isinstance(d.get("path"), str) else None
-    if card is not None and card.is_file():
-        try:
-            obj = json.loads(card.read_text(encoding="utf-8"))
-            flat = [(k, json.dumps(v)[:200]) for k, v in obj.items()] if isinstance(obj, dict) else []
-            blocks.append(kv(flat[:30], "datacard.json"))
-        except (ValueError, OSError):
-            pass
+    card = read_small_json(b.data_dir / "datacard.json") if b.data_dir is not None else None
+    if card:
+        blocks.append(kv([(k, json.dumps(v)[:200]) for k, v in card.items()][:30], "datacard.json"))
     return section("data", "Data governance and bias examination", blocks)
 
 
 # --------------------------------------------------------------------------- protocol
+def _status(b: RunBundle, probe: str, ran: set[str]) -> str:
+    info = (b.summary.get("probes") or {}).get(probe)
+    if probe in ran:
+        examples = info.get("examples") if isinstance(info, dict) else None
+        return "ran" + (f" on {examples} examples" if examples is not None else "")
+    return "; ".join(b.skipped().get(probe, ["no results"]))
+
+
 def protocol(b: RunBundle) -> dict:
     s = b.summary
     cfg, env = s.get("config") or {}, s.get("environment") or {}
     items = [("seed", cfg.get("seed")), ("suite", cfg.get("suite")), ("probes requested", ", ".join(b.requested_probes())),
              ("max examples per probe", cfg.get("max_examples")), ("batch size", cfg.get("batch_size")),
-             ("device", env.get("device") or cfg.get("device"))]
+             ("device", env.get("device") or cfg.get("device")), ("result schema version", b.version)]
     items += [(f"version: {k}", v) for k, v in sorted(env.items()) if k != "device"]
-    items.append(("confidence intervals", "95% percentile bootstrap over examples or counterfactual sets "
-                  "(1000 resamples, seeded from the run seed) unless the probe's description says otherwise; "
-                  "p-values from seeded permutation tests"))
+    items.append(("confidence intervals", INTERVALS.get(b.version, INTERVALS[2])))
     blocks = [kv(items)]
-    ran = b.probes_with_metrics()
+    ran = b.ran()
     rows = []
     for p in list(dict.fromkeys(b.requested_probes() + sorted(ran))):
-        info = b.infos.get(p, {})
+        spec = meta.spec_of(p)
         m = b.metrics[b.metrics.probe == p]
-        rows.append([p, category_of(b, p), info.get("description", "(no metadata)"), info.get("citation", ""),
-                     ", ".join(sorted(m.metric.unique())) or "none",
-                     int(m.n.max()) if len(m) and m.n.notna().any() else None,
-                     "ran" if p in ran else "; ".join(b.skipped().get(p, ["no results"]))])
-    blocks.append(table(["probe", "category", "definition", "citation", "metrics reported", "max n", "status"], rows,
-                        "Probes: what each measures and where the method comes from"))
-    overall = b.metrics[b.metrics.group.isna()]
-    blocks.append(metric_table(overall, "Headline metrics (overall rows; grouped rows are in the result sections)"))
+        rows.append([p, spec.title if spec else "(not in this mmaudit's catalog)",
+                     SECTIONS.get(spec.section, "") if spec else "", spec.description if spec else "",
+                     spec.citation if spec else "", ", ".join(meta.ordered_metrics(p, m.metric)) or "none",
+                     int(m.n.max()) if len(m) and m.n.notna().any() else None, _status(b, p, ran)])
+    blocks.append(table(["probe", "title", "report section", "definition", "citation", "metrics reported", "max n",
+                         "status"], rows, "Probes: what each measures and where the method comes from"))
+    overall = b.metrics[b.metrics.scope == "overall"]
+    blocks += [metric_table(overall, "Overall metric rows (grouped rows are in the result sections)"),
+               what_this_means(overall)]
     notes = [f"{p} did not run" for p in b.requested_probes() if p not in ran]
     return section("protocol", "Evaluation protocol", blocks, status="partial" if notes else "complete", notes=notes)
 
 
 # ------------------------------------------------------------------------ limitations
-def limitations(b: RunBundle) -> dict:
+def limitations(b: RunBundle, integrity: dict | None = None) -> dict:
     items = []
     if b.policy and b.policy.system:
         items += [f"Declared by the provider: {x}" for x in b.policy.system.limitations]
     for f in b.summary.get("findings") or []:
         if f.get("severity") in ("fail", "warning"):
             items.append(f"[{f.get('severity')}] {f.get('probe')}: {f.get('message')}")
-    ran = b.probes_with_metrics()
-    not_run = [p for p in FULL_SUITE if p not in ran]
+    ran = b.ran()
+    known = meta.specs()
+    not_run = [p for p in dict.fromkeys([*suite_probes("full"), *known]) if p not in ran]
     if not_run:
         items.append("Not examined in this run: " + ", ".join(not_run) + ".")
+    unknown = sorted(p for p in ran if p not in known)
+    if unknown:
+        items.append(f"Probe(s) not in this mmaudit's catalog: {', '.join(unknown)}; their metrics appear only in the "
+                     "protocol section and the JSON report.")
     small = b.metrics[(b.metrics.n < 30) & b.metrics.n.notna()]
     if len(small):
         items.append(f"{len(small)} metric row(s) rest on fewer than 30 examples or sets; their intervals are wide "
@@ -266,16 +258,16 @@ def limitations(b: RunBundle) -> dict:
     undefined = int(b.metrics.value.isna().sum())
     if undefined:
         items.append(f"{undefined} metric row(s) are undefined (e.g. a ratio with a zero denominator).")
-    data_dir = b.data_dir
-    if data_dir is not None and (data_dir / "datacard.json").is_file():
+    if b.data_dir is not None and read_small_json(b.data_dir / "datacard.json") is not None:
         items.append("The data folder carries a generator datacard (synthetic data): results describe behaviour on "
                      "these scenes and do not transfer to real-world inputs.")
-    if "attention" in ran:
+    if any(meta.spec_of(p) and meta.spec_of(p).page == "attention" for p in ran):
         items.append("Attention weights show where the model looks, not why it answers; they are not a faithful "
                      "explanation on their own (Jain & Wallace 2019).")
     items.append("Intervals reflect sampling error over the audited examples only, not shifts in the input "
                  "distribution after deployment.")
     items += b.notes
+    items += [f"Integrity manifest: {x}" for x in (integrity or {}).get("skipped", [])]
     return section("limitations", "Limitations", [bullets(items)])
 
 
@@ -296,10 +288,13 @@ def manifest(b: RunBundle, integrity: dict) -> dict:
     items = [("report generated", integrity["generated"]), ("run created", integrity["run_created"]),
              ("recorded model sha256", integrity["recorded"]["model_sha256"]), ("model", integrity["model_check"]),
              ("recorded data sha256", integrity["recorded"]["data_sha256"]), ("data", integrity["data_check"])]
-    rows = [[f["kind"], f["file"], f["bytes"], f["sha256"]] for f in integrity["files"]]
+    rows = [[f["kind"], f["file"], f["bytes"], f["sha256"], f.get("note")] for f in integrity["files"]]
     changed = any("CHANGED" in str(v) for _, v in items)
-    blocks = [kv(items), table(["kind", "file", "bytes", "sha256"], rows, "SHA-256 of the files behind this report",
+    blocks = [kv(items), table(["kind", "file", "bytes", "sha256", "note"], rows,
+                               "SHA-256 of the files behind this report (only files the audit wrote or read)",
                                limit=2000)]
+    if integrity.get("skipped"):
+        blocks.append(bullets(integrity["skipped"], "Not hashed or not listed"))
     if changed:
         blocks.insert(1, note("The model or data changed after the audit: this report no longer describes them.",
                               "warning"))
