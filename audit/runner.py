@@ -13,7 +13,9 @@ probe with a failed unit gets no metrics (a partial sample would mislead).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import shutil
 import hashlib
 import json
 import os
@@ -36,7 +38,7 @@ from audit.schema import METRIC_COLUMNS, ROW_COLUMNS, SCHEMA_VERSION, metric_rec
 from audit.store import Store
 from probes.base import Plan, get_probe
 
-__all__ = ["RunSpec", "RunResult", "run_audit", "unit_seed", "write_atomic", "FAULT_ENV"]
+__all__ = ["RunSpec", "RunResult", "run_audit", "unit_seed", "write_atomic", "model_fingerprint", "FAULT_ENV"]
 
 # Fault injection for the resume tests: SIGKILL this process after this many units were written.
 FAULT_ENV = "MMAUDIT_TEST_KILL_AFTER_UNITS"
@@ -78,30 +80,66 @@ class RunResult:
         return 1 if self.failed_units else 0
 
 
+def model_fingerprint(model: str) -> str:
+    """The identity `summary.json` records for `model`: the Hub commit of a cache snapshot, a
+    content fingerprint of a local folder (audit.adapters.source), the URL's hash otherwise."""
+    from audit.adapters.source import model_identity, source_of_folder
+
+    if Path(model).is_dir():
+        return model_identity(source_of_folder(Path(model)))
+    return hashlib.sha256(str(model).encode()).hexdigest()
+
+
 def unit_seed(seed: int, probe: str, k: int) -> int:
     return int(hashlib.sha256(f"{seed}:{probe}:{k}".encode()).hexdigest()[:8], 16)
 
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write next to `path` and rename over it: a reader sees the old file or the new one."""
+    """Write next to `path` and rename over it: a reader sees the old file or the new one.
+    A full disk or a read-only folder is the user's to fix: one line, nothing half-written."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        raise InputError(f"cannot write ({exc.strerror or exc}); completed work is kept", where=str(path)) from exc
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        with contextlib.suppress(OSError):
+            if tmp.exists():
+                tmp.unlink()
 
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _open_run(out: Path, identity: dict, log) -> tuple[str, str]:
+def _discard_run(out: Path) -> None:
+    """Empty a folder that holds an mmaudit run (and nothing else) for `--force`."""
+    ours = {"run_state.json", "summary.json", "results.parquet", "samples.parquet", "units"}
+    others = [p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith(".")]
+    if not (out / "run_state.json").is_file() or others:
+        raise InputError("--force only replaces an mmaudit run folder; this one also holds "
+                         f"{', '.join(sorted(others)[:3]) or 'no run_state.json'}", where=str(out))
+    for p in out.iterdir():
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def _open_run(out: Path, identity: dict, log, *, force: bool = False) -> tuple[str, str]:
     """(run_id, created) of a new run in `out`, or of the unfinished run found there."""
     state_file = out / "run_state.json"
+    if out.exists() and not out.is_dir():
+        raise InputError("exists and is not a folder", where=str(out))
+    if state_file.is_file() and force:
+        state = None
+        try:
+            state = json.loads(state_file.read_text())
+        except (ValueError, OSError):
+            pass
+        if not isinstance(state, dict) or {k: state.get(k) for k in identity} != identity:
+            log(f"--force: discarding the run in {out} made with other inputs")
+            _discard_run(out)
     if state_file.is_file():
         try:
             state = json.loads(state_file.read_text())
@@ -112,13 +150,16 @@ def _open_run(out: Path, identity: dict, log) -> tuple[str, str]:
         if state is not None:
             if {k: state.get(k) for k in identity} != identity:
                 changed = [k for k in identity if state.get(k) != identity[k]]
-                raise InputError(f"holds a run with another {', '.join(changed)}; choose a new --out, "
-                                 "or delete the folder to start again", where=str(out))
+                raise InputError(f"holds a run with another {', '.join(changed)}; choose a new --out, or pass "
+                                 "--force to discard that run and start again", where=str(out))
             log(f"resuming run {state['run_id']} in {out}")
             return state["run_id"], state["created"]
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError("output folder exists and is not an unfinished run of this command", where=str(out))
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create the run folder ({exc.strerror or exc})", where=str(out)) from exc
     run_id, created = uuid.uuid4().hex[:12], _now()
     write_atomic(state_file, lambda p: p.write_text(json.dumps({**identity, "run_id": run_id, "created": created},
                                                                indent=1)))
@@ -142,16 +183,31 @@ def _read_unit(path: Path) -> pd.DataFrame | None:
         return None
 
 
+def _check_images(plans) -> None:
+    """Every image the plans will read opens and decodes its header: a bad file stops the run
+    before anything is written, so fixing it and rerunning the same command just works."""
+    seen: dict[str, list] = {}
+    for _, plan in plans:
+        for unit in plan.units:
+            group = seen.setdefault(unit.data_root, [])
+            group += [e for e in unit.examples if e.image is not None]
+    for root, examples in seen.items():
+        unique = list({e.image: e for e in examples}.values())
+        problems = Dataset.view(root, unique).check_images()
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise InputError(f"{problems[0][1]}{more}")
+
+
 def run_audit(spec: RunSpec, *, adapter: ModelAdapter, data: Dataset, executor=None, progress: bool = True,
-              log=print, pre_findings: list[dict] | None = None, confirm=None) -> RunResult:
+              log=print, pre_findings: list[dict] | None = None, confirm=None, force: bool = False) -> RunResult:
     """Plan, run what is missing, summarise, write RUN_DIR and record the run.
 
     `confirm(estimate) -> bool` is asked before any unit runs (False stops with nothing lost).
     """
     out = Path(spec.out)
-    model_id = spec.model_info.get("identity") or hashlib.sha256(str(spec.model).encode()).hexdigest()
+    model_id = spec.model_info.get("identity") or model_fingerprint(spec.model)
     identity = {"model_identity": model_id, "data_sha256": data.sha256, "config": spec.config()}
-    run_id, created = _open_run(out, identity, log)
 
     findings = list(pre_findings or [])
     plans: list[tuple[object, Plan]] = []
@@ -165,6 +221,9 @@ def run_audit(spec: RunSpec, *, adapter: ModelAdapter, data: Dataset, executor=N
             probe_info[name] = {"status": "skipped", "examples": 0, "units": 0}
             continue
         if not plan.units:
+            if spec.suite is None:  # asked for by name: an empty selection is an error, not a pass
+                raise InputError(f"no example in the data fits probe {name!r} ({probe.spec.description})",
+                                 where=str(data.path))
             findings.append({"probe": name, "severity": "warning",
                              "message": "skipped: no example in the data fits this probe"})
             probe_info[name] = {"status": "skipped", "examples": 0, "units": 0}
@@ -177,10 +236,19 @@ def run_audit(spec: RunSpec, *, adapter: ModelAdapter, data: Dataset, executor=N
                                         f"(--max-examples {spec.max_examples})"})
         plans.append((probe, plan))
 
+    if not plans:
+        reasons = "; ".join(f["message"] for f in findings if f["severity"] != "info")
+        raise InputError(f"nothing to audit: {reasons or 'no probe found an example'}", where=str(data.path))
+    _check_images(plans)
+    run_id, created = _open_run(out, identity, log, force=force)
+
     tasks, done_rows = [], {}
     for probe, plan in plans:
         unit_dir = out / "units" / probe.name
-        unit_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            unit_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"cannot write ({exc.strerror or exc})", where=str(unit_dir)) from exc
         for unit in plan.units:
             path = unit_dir / f"{unit.index:05d}.parquet"
             rows = _read_unit(path) if path.is_file() else None

@@ -171,7 +171,7 @@ def _attrs(group: str) -> dict:
 
 
 def _v1_metric_dims(probe: str, metric: str, group) -> dict:
-    if group is None or group is pd.NA:
+    if group is None or pd.isna(group):
         return {"scope": "overall"}
     g = str(group)
     if probe == "group_fairness":
@@ -220,9 +220,7 @@ def upgrade_metrics(frame: pd.DataFrame) -> pd.DataFrame:
 def _v1_row(r: Mapping) -> dict:
     out = {k: r.get(k) for k in ("probe", "metric", "value", "example_id", "group", "site")}
     probe, group, site, variant = r.get("probe"), r.get("group"), r.get("site"), r.get("variant")
-    group = None if group is None or group is pd.NA else str(group)
-    site = None if site is None or site is pd.NA else str(site)
-    variant = None if variant is None or variant is pd.NA else str(variant)
+    group, site, variant = (None if v is None or pd.isna(v) else str(v) for v in (group, site, variant))
     if site:
         bm = _BLOCK_SITE.match(site)
         if bm:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from audit.adapters.base import ModelAdapter
 from audit.adapters.families import families, family_of
-from audit.adapters.source import check_safetensors, model_identity, resolve_source
+from audit.adapters.source import check_safetensors, model_identity, resolve_source, source_of_folder
 from audit.errors import InputError, UnsupportedError
 
 __all__ = ["load_adapter", "load_model", "load_processor", "make_adapter", "resolve_device", "resolve_dtype",
@@ -146,7 +146,7 @@ def load_model(model: str | Path, *, device: str | None = "cpu", dtype: str | No
         first = next(net.parameters()).device
         device = str(first)
     adapter = make_adapter(net, processor, family=family, device=device)
-    record = {"identity": model_identity(source), "dtype": str(torch_dtype).replace("torch.", ""),
+    record = {"identity": model_identity(source_of_folder(path) if source.commit is None else source), "dtype": str(torch_dtype).replace("torch.", ""),
               "device_map": device_map, "hub_id": source.hub_id, "revision": source.revision,
               "commit": source.commit, "trust_remote_code": trust_remote_code,
               "weights_not_loaded": problems or None}

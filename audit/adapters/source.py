@@ -26,7 +26,7 @@ from pathlib import Path
 
 from audit.errors import InputError
 
-__all__ = ["ModelSource", "resolve_source", "model_identity", "check_safetensors", "file_sha256",
+__all__ = ["ModelSource", "resolve_source", "model_identity", "source_of_folder", "check_safetensors", "file_sha256",
            "HUB_ID", "MAX_HEADER"]
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
@@ -150,6 +150,15 @@ def file_sha256(path: Path, *, cache: bool = True) -> str:
             except OSError:
                 pass  # a read-only home: identity still correct, only slower next time
     return digest
+
+
+def source_of_folder(path: Path) -> ModelSource:
+    """A folder as a ModelSource; a Hugging Face cache snapshot keeps its Hub id and commit."""
+    path = Path(path).resolve()
+    repo = path.parent.parent.name
+    if path.parent.name == "snapshots" and repo.startswith("models--") and re.fullmatch(r"[0-9a-f]{40}", path.name):
+        return ModelSource(path=path, hub_id=repo[len("models--"):].replace("--", "/"), commit=path.name)
+    return ModelSource(path=path)
 
 
 def model_identity(source: ModelSource) -> str:
