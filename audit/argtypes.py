@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["probability", "positive_int", "positive_float", "seed", "batch_size"]
+__all__ = ["probability", "positive_int", "positive_float", "seed", "batch_size", "port", "image_size"]
 
 
 def _number(text: str, kind):
@@ -46,3 +46,18 @@ def seed(text: str) -> int:
 def batch_size(text: str) -> int | str:
     """A positive integer or `auto`."""
     return "auto" if text == "auto" else positive_int(text)
+
+
+def port(text: str) -> int:
+    value = _number(text, int)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port between 1 and 65535, got {value}")
+    return value
+
+
+def image_size(text: str) -> int:
+    """Side of generated images in pixels (bounded: a huge value cannot be allocated)."""
+    value = _number(text, int)
+    if not 16 <= value <= 1024:
+        raise argparse.ArgumentTypeError(f"must be between 16 and 1024 pixels, got {value}")
+    return value

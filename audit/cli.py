@@ -9,7 +9,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from audit.argtypes import positive_int, probability
+from audit.argtypes import image_size, port, positive_float, positive_int, probability, seed
 from audit.errors import InputError
 
 __all__ = ["main", "build_parser", "COMMAND_MODULES"]
@@ -33,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, metavar="DATA_DIR")
     d.add_argument("--n", type=positive_int, default=2000, help="ordinary examples (default 2000)")
     d.add_argument("--bias", type=probability, default=0.5, help="P(occupation | group) (default 0.5)")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--image-size", type=int, default=64)
+    d.add_argument("--seed", type=seed, default=0)
+    d.add_argument("--image-size", type=image_size, default=64, help="side of each image in pixels (default 64)")
     d.add_argument("--overwrite", action="store_true", help="replace an existing DATA_DIR")
 
     t = rsub.add_parser("train", help="train a reference model and save it in Hugging Face form")
@@ -44,18 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", required=True, metavar="DATA_DIR")
     t.add_argument("--out", required=True, metavar="MODEL_DIR")
     t.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=seed, default=0)
     t.add_argument("--text-encoder", default="scratch", choices=TEXT_ENCODERS,
                    help="clip only: 'minilm' uses the pretrained all-MiniLM-L6-v2 text tower")
     t.add_argument("--epochs", type=positive_int)
     t.add_argument("--batch-size", type=positive_int)
-    t.add_argument("--lr", type=float)
+    t.add_argument("--lr", type=positive_float, help="learning rate (default: the preset's)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing MODEL_DIR")
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server for a MODEL_DIR")
     s.add_argument("--model", required=True, metavar="MODEL_DIR")
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=port, default=8000)
     s.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     s.add_argument("--max-batch", type=positive_int, default=16)
 

@@ -39,6 +39,7 @@ class RunConfig(BaseModel):
     revision: str | None = None
     trust_remote_code: bool = False
     allow_missing_weights: bool = False
+    force: bool = False
 
     @model_validator(mode="after")
     def _one_source(self) -> "RunConfig":

@@ -231,6 +231,8 @@ class Dataset:
                     obj = json.loads(text)
                 except json.JSONDecodeError as exc:
                     raise ValueError(ERR_JSON.format(detail=f"{exc.msg} at column {exc.colno}")) from None
+                except RecursionError:
+                    raise ValueError(ERR_JSON.format(detail="nested too deeply")) from None
                 ex = _parse(obj, number, root)
                 if ex.id in first_line:
                     raise ValueError(ERR_DUPLICATE.format(id=ex.id, first=first_line[ex.id],
@@ -330,11 +332,16 @@ class Dataset:
         with shared.lock:
             if shared.sha256 is None:
                 digest = hashlib.sha256()
-                # Length-prefix every part so no two different folders hash alike.
-                for name, payload in [(MANIFEST, shared.manifest_bytes)] + [
-                        (p, (shared.root / p).read_bytes()) for p in shared.image_paths]:
-                    digest.update(f"{name}\0{len(payload)}\0".encode())
-                    digest.update(payload)
+                # Length-prefix every part so no two different folders hash alike; stream each
+                # file (a multi-gigabyte image must not be read into memory to be hashed).
+                digest.update(f"{MANIFEST}\0{len(shared.manifest_bytes)}\0".encode())
+                digest.update(shared.manifest_bytes)
+                for p in shared.image_paths:
+                    full = shared.root / p
+                    digest.update(f"{p}\0{full.stat().st_size}\0".encode())
+                    with open(full, "rb") as fh:
+                        for block in iter(lambda: fh.read(1 << 20), b""):
+                            digest.update(block)
                 shared.sha256 = digest.hexdigest()
             return shared.sha256
 

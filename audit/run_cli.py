@@ -19,7 +19,7 @@ __all__ = ["add_commands", "cmd_run", "RUN_DEFAULTS", "resolve_run_options"]
 RUN_DEFAULTS = {"model": None, "endpoint": None, "data": None, "suite": None, "probes": None, "out": None,
                 "device": "cpu", "seed": 0, "store": None, "on_error": "stop", "batch_size": 16,
                 "max_examples": None, "parent": None, "yes": False, "dtype": "auto", "device_map": None,
-                "revision": None, "trust_remote_code": False, "allow_missing_weights": False}
+                "revision": None, "trust_remote_code": False, "allow_missing_weights": False, "force": False}
 CONFIRM_SECONDS = 600  # ask before an interactive run estimated to take longer than this
 
 
@@ -64,6 +64,8 @@ def add_commands(sub) -> None:
                    help="audit at most this many examples per probe (the run says which probes were capped)")
     r.add_argument("--parent", metavar="RUN_DIR", help="an earlier run this one re-audits (lineage in the store and "
                                                        "the report's before/after comparison)")
+    r.add_argument("--force", action="store_true", help="RUN_DIR holds a run made with other inputs: discard it and "
+                                                        "start again (only an mmaudit run folder is ever emptied)")
     r.add_argument("--yes", action="store_true", help=f"do not ask before an interactive run estimated to take "
                                                       f"more than {CONFIRM_SECONDS // 60} minutes")
     r.set_defaults(handler=cmd_run)
@@ -145,6 +147,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if opts["endpoint"] and any(opts[k] for k in ("device_map", "revision", "trust_remote_code")):
         raise InputError("--device-map, --revision and --trust-remote-code apply to --model only", where="mmaudit run")
     parent = _parent_run_id(opts["parent"])
+    from audit.paths import check_output
+
+    check_output(opts["out"], inputs=[("--data", data.path), ("--model", model if opts["model"] and Path(model).is_dir() else None),
+                                      ("--parent", opts["parent"])])
     adapter, model_info = load_model(model, device=opts["device"], dtype=opts["dtype"], device_map=opts["device_map"],
                                      revision=opts["revision"], trust_remote_code=opts["trust_remote_code"],
                                      allow_missing_weights=opts["allow_missing_weights"])
@@ -163,7 +169,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                        extra={"dtype": model_info.get("dtype"), "device_map": opts["device_map"],
                               "batch_size_requested": opts["batch_size"]})
         result = run_audit(spec, adapter=adapter, data=data, log=_err, pre_findings=pre,
-                           confirm=None if opts["yes"] else _ask)
+                           confirm=None if opts["yes"] else _ask, force=opts["force"])
     finally:
         adapter.close()
     summary = result.summary

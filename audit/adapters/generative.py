@@ -64,9 +64,14 @@ class GenerativeAdapter(GenerativeWhiteBox):
         template = getattr(self.processor, "chat_template", None)
         if template:
             content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": prompt}]
-            return self.processor.apply_chat_template(
-                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-            )
+            try:  # transformers renders templates in a Jinja sandbox; a broken one is the model folder's fault
+                return self.processor.apply_chat_template(
+                    [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+                )
+            except Exception as exc:  # noqa: BLE001 - jinja2 raises many types (TemplateError, SecurityError, ...)
+                msg = " ".join(str(exc).split())[:200]
+                raise InputError(f"the model's chat template failed ({type(exc).__name__}: {msg})",
+                                 where=f"{self.architecture} chat_template") from exc
         return FALLBACK_TEMPLATE.format(image=f"{self.image_placeholder}\n" if has_image else "", prompt=prompt)
 
     @property
@@ -79,6 +84,16 @@ class GenerativeAdapter(GenerativeWhiteBox):
             ids = self.tokenizer.convert_ids_to_tokens([int(start), int(end)])
             text = f"{ids[0]}{text}{ids[1]}"
         return text
+
+    @property
+    def context_length(self) -> int | None:
+        """Longest sequence the language model was built for (None when the config does not say)."""
+        cfg = self.model.config
+        for c in (getattr(cfg, "text_config", None), cfg):
+            n = getattr(c, "max_position_embeddings", None) if c is not None else None
+            if isinstance(n, int) and n > 0:
+                return n
+        return None
 
     def continuation_ids(self, text: str) -> list[int]:
         ids = self.tokenizer(" " + text, add_special_tokens=False)["input_ids"]
@@ -110,7 +125,7 @@ class GenerativeAdapter(GenerativeWhiteBox):
         bos = self.tokenizer.bos_token
         kwargs["add_special_tokens"] = not (bos and all(t.startswith(bos) for t in texts))
         with self._padding(side):
-            out = self.processor(text=texts, return_tensors="pt", padding=True, **kwargs)
+            out = self.processor(text=texts, return_tensors="pt", padding=True, padding_side=side, **kwargs)
         return dict(out)
 
     def encode(self, queries: Sequence[Query], continuations: Sequence[Sequence[int]] | None = None) -> Encoded:
@@ -119,6 +134,12 @@ class GenerativeAdapter(GenerativeWhiteBox):
         raw = self._process([q.prompt for q in queries], [q.image for q in queries], texts=texts)
         ids, mask = raw["input_ids"], raw["attention_mask"]
         lengths = [int(n) for n in mask.sum(1)]
+        limit = self.context_length
+        if limit is not None:
+            for q, n in zip(queries, lengths):
+                if n + max((len(c) for c in (continuations or [[]])), default=0) > limit:
+                    raise InputError(f"the prompt is {n} tokens, longer than the model's context of {limit} tokens",
+                                     where=f"prompt {q.prompt[:40]!r}")
         conts = [list(c) for c in continuations] if continuations is not None else [[] for _ in queries]
         total = max(n + len(c) for n, c in zip(lengths, conts))
         pad = self.tokenizer.pad_token_id or 0
