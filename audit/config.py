@@ -40,6 +40,7 @@ class RunConfig(BaseModel):
     trust_remote_code: bool = False
     allow_missing_weights: bool = False
     force: bool = False
+    log_samples: bool = False
 
     @model_validator(mode="after")
     def _one_source(self) -> "RunConfig":

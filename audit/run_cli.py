@@ -19,7 +19,8 @@ __all__ = ["add_commands", "cmd_run", "RUN_DEFAULTS", "resolve_run_options"]
 RUN_DEFAULTS = {"model": None, "endpoint": None, "data": None, "suite": None, "probes": None, "out": None,
                 "device": "cpu", "seed": 0, "store": None, "on_error": "stop", "batch_size": 16,
                 "max_examples": None, "parent": None, "yes": False, "dtype": "auto", "device_map": None,
-                "revision": None, "trust_remote_code": False, "allow_missing_weights": False, "force": False}
+                "revision": None, "trust_remote_code": False, "allow_missing_weights": False, "force": False,
+                "log_samples": False}
 CONFIRM_SECONDS = 600  # ask before an interactive run estimated to take longer than this
 
 
@@ -64,6 +65,9 @@ def add_commands(sub) -> None:
                    help="audit at most this many examples per probe (the run says which probes were capped)")
     r.add_argument("--parent", metavar="RUN_DIR", help="an earlier run this one re-audits (lineage in the store and "
                                                        "the report's before/after comparison)")
+    r.add_argument("--log-samples", action="store_true",
+                   help="write RUN_DIR/samples.parquet: every scored query's rendered prompt, variant, candidate "
+                        "scores and generated text (docs/format.md)")
     r.add_argument("--force", action="store_true", help="RUN_DIR holds a run made with other inputs: discard it and "
                                                         "start again (only an mmaudit run folder is ever emptied)")
     r.add_argument("--yes", action="store_true", help=f"do not ask before an interactive run estimated to take "
@@ -165,7 +169,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         spec = RunSpec(model=model, data=str(data.path), probes=names, out=str(Path(opts["out"]).absolute()),
                        seed=opts["seed"], device=adapter.device, batch_size=size,
                        max_examples=opts["max_examples"], suite=opts["suite"], store=opts["store"],
-                       parent_run_id=parent, model_info=model_info,
+                       parent_run_id=parent, model_info=model_info, log_samples=opts["log_samples"],
                        extra={"dtype": model_info.get("dtype"), "device_map": opts["device_map"],
                               "batch_size_requested": opts["batch_size"]})
         result = run_audit(spec, adapter=adapter, data=data, log=_err, pre_findings=pre,

@@ -60,11 +60,13 @@ class RunSpec:
     store: str | None = None
     parent_run_id: str | None = None
     model_info: dict = field(default_factory=dict)  # identity, dtype, device map, revision, ...
+    log_samples: bool = False
     extra: dict = field(default_factory=dict)
 
     def config(self) -> dict:
         return {"probes": list(self.probes), "suite": self.suite, "seed": self.seed, "device": self.device,
-                "batch_size": self.batch_size, "max_examples": self.max_examples, **self.extra}
+                "batch_size": self.batch_size, "max_examples": self.max_examples, "log_samples": self.log_samples,
+                **self.extra}
 
     def probe_options(self) -> dict:
         return {"batch_size": self.batch_size}
@@ -175,6 +177,10 @@ def _environment(device: str) -> dict:
             "platform": platform.platform()}
 
 
+def _samples_path(unit_path: Path) -> Path:
+    return unit_path.with_name(unit_path.stem + ".samples.parquet")
+
+
 def _read_unit(path: Path) -> pd.DataFrame | None:
     """A finished unit's rows, or None when the file is unreadable (recomputed, not trusted)."""
     try:
@@ -252,11 +258,13 @@ def run_audit(spec: RunSpec, *, adapter: ModelAdapter, data: Dataset, executor=N
         for unit in plan.units:
             path = unit_dir / f"{unit.index:05d}.parquet"
             rows = _read_unit(path) if path.is_file() else None
+            if rows is not None and spec.log_samples and not _samples_path(path).is_file():
+                rows = None  # the transcript of this unit is missing: run it again
             if rows is not None:
                 done_rows[(probe.name, unit.index)] = rows
             else:
                 tasks.append(Task(probe=probe.name, options=spec.probe_options(), unit=unit,
-                                  seed=unit_seed(spec.seed, probe.name, unit.index)))
+                                  seed=unit_seed(spec.seed, probe.name, unit.index), log_samples=spec.log_samples))
     from audit.estimate import estimate
 
     est = estimate(adapter, tasks, batch_size=spec.batch_size)
@@ -281,8 +289,11 @@ def run_audit(spec: RunSpec, *, adapter: ModelAdapter, data: Dataset, executor=N
                                         f"{task.unit.ids[0]!r}) failed: {msg}; the probe has no metrics"})
             probe_info[name]["status"] = "failed"
             return
+        samples = rows.attrs.pop("samples", None)  # parquet would try to store attrs as JSON
         rows = rows.reindex(columns=ROW_COLUMNS)
         path = out / "units" / name / f"{k:05d}.parquet"
+        if samples is not None:  # the transcript first: a unit file means its transcript exists
+            write_atomic(_samples_path(path), lambda p: samples.to_parquet(p, index=False))
         write_atomic(path, lambda p: rows.to_parquet(p, index=False))
         done_rows[(name, k)] = rows
         written["n"] += 1
@@ -326,6 +337,14 @@ def run_audit(spec: RunSpec, *, adapter: ModelAdapter, data: Dataset, executor=N
     artifacts = [{"probe": None, "name": "results.parquet", "kind": "rows", "path": "results.parquet"},
                  {"probe": None, "name": "summary.json", "kind": "summary", "path": "summary.json"}]
     summary["artifacts"] = artifacts
+    if spec.log_samples:
+        parts = [pd.read_parquet(_samples_path(out / "units" / p.name / f"{u.index:05d}.parquet"))
+                 for p, plan in plans if probe_info[p.name]["status"] == "ok" for u in plan.units]
+        from audit.samples import SAMPLE_COLUMNS
+
+        samples = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=SAMPLE_COLUMNS)
+        write_atomic(out / "samples.parquet", lambda p: samples.to_parquet(p, index=False))
+        artifacts.append({"probe": None, "name": "samples.parquet", "kind": "samples", "path": "samples.parquet"})
     write_atomic(out / "results.parquet", lambda p: rows.to_parquet(p, index=False))
     write_atomic(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=1, allow_nan=False)))
     Store(spec.store).record_run(summary, rows, run_dir=str(out.resolve()), parent_run_id=spec.parent_run_id)

@@ -87,7 +87,8 @@ class ModalityAblation(Probe):
 
         def add(i, modality, variant, q, k=None):
             keys.append((i, modality, variant, k))
-            queries.append(q)
+            label = variant if modality == "none" else f"{modality}:{variant}" + (f":{k}" if k else "")
+            queries.append(Query(q.prompt, q.image, q.candidates, example_id=examples[i].id, variant=label))
 
         for i, (e, im, c) in enumerate(zip(examples, images, cands)):
             add(i, "none", "none", Query(e.prompt, im, c))
@@ -200,7 +201,8 @@ def _layer_curve_scores(adapter: GenerativeWhiteBox, queries, *, batch_size: int
     Both passes score identical shapes in identical batches, so the k-th forward of the
     blank pass supplies the k-th forward of each replaced pass.
     """
-    blank = [Query(q.prompt, Image.new("RGB", q.image.size, GREY), q.candidates) for q in queries]
+    blank = [Query(q.prompt, Image.new("RGB", q.image.size, GREY), q.candidates, example_id=q.example_id,
+                   variant="image:blank(layer curve source)") for q in queries]
     n_layers = adapter.n_layers
     cache: dict[int, list] = {layer: [] for layer in range(n_layers)}
 
@@ -222,6 +224,8 @@ def _layer_curve_scores(adapter: GenerativeWhiteBox, queries, *, batch_size: int
             new = torch.where(state["image"], src, _hidden(output))
             return (new, *output[1:]) if isinstance(output, tuple) else new
 
+        tagged = [Query(q.prompt, q.image, q.candidates, example_id=q.example_id, variant=f"image:layer_blank:{layer}")
+                  for q in queries]
         with adapter.hooks({"language.embed": remember_ids, f"language.blocks.{layer}.resid": replace}):
-            out.append(adapter.score(queries, batch_size=batch_size))
+            out.append(adapter.score(tagged, batch_size=batch_size))
     return out

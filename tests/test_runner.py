@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -243,3 +244,22 @@ def test_standard_suite_on_other_reference_families(request, small_data, tmp_pat
         assert reliance["value"] == pytest.approx(0.0, abs=1e-6)
     skipped = {f["probe"] for f in s["findings"] if f["message"].startswith("skipped")}
     assert "attention" in skipped  # cross-attention / late fusion: said, not failed
+
+
+def test_log_samples_writes_a_transcript_that_matches_the_rows(untrained_llava, small_data, tmp_path):
+    out = tmp_path / "run"
+    s = _run(untrained_llava, small_data, out, tmp_path / "s.duckdb", max_examples=3, log_samples=True)
+    samples = pd.read_parquet(out / "samples.parquet")
+    rows = pd.read_parquet(out / "results.parquet")
+    assert {a["name"] for a in s["artifacts"]} >= {"samples.parquet"}
+    assert set(samples.example_id) == set(rows.example_id.dropna())
+    intact = samples[samples.variant == "none"]
+    assert len(intact) == 3 and intact.rendered_prompt.str.contains("<image>").all()
+    blank = samples[samples.variant == "image:blank"]
+    assert len(blank) == 3
+    # the transcript's scores are the numbers the metrics were computed from
+    tv = rows[(rows.metric == "tv") & (rows.variant == "blank")].set_index("example_id").value
+    for _, r in blank.iterrows():
+        p = intact.set_index("example_id").loc[r.example_id]
+        a, b = np.exp(np.asarray(p.scores)), np.exp(np.asarray(r.scores))
+        assert 0.5 * np.abs(a / a.sum() - b / b.sum()).sum() == pytest.approx(tv[r.example_id], abs=1e-9)

@@ -30,11 +30,17 @@ __all__ = ["Capabilities", "ModalitySpan", "ModelAdapter", "Query", "Encoded", "
 
 @dataclass(frozen=True)
 class Query:
-    """One scoring request: a prompt, an optional image and the candidate answers to score."""
+    """One scoring request: a prompt, an optional image and the candidate answers to score.
+
+    `example_id` and `variant` say which example and which ablation / counterfactual /
+    perturbation the query is; adapters ignore them, `--log-samples` records them.
+    """
 
     prompt: str
     image: Image.Image | None
     candidates: tuple[str, ...]
+    example_id: str | None = field(default=None, compare=False)
+    variant: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

@@ -23,15 +23,26 @@ class Task:
     unit: object  # probes.base.Unit
     seed: int
     options: dict = field(default_factory=dict)
+    log_samples: bool = False  # record every scored query (rows.attrs["samples"], audit.samples)
 
 
 OnResult = Callable[[Task, "pd.DataFrame | None", "BaseException | None"], None]
 
 
 def run_task(adapter, task: Task) -> pd.DataFrame:
+    """The unit's rows; with `log_samples`, its transcript rides along in `rows.attrs["samples"]`
+    (pandas keeps attrs when a frame is pickled, so it crosses process boundaries too)."""
     from probes.base import get_probe
 
-    return get_probe(task.probe, **task.options).run(adapter, task.unit, seed=task.seed)
+    probe = get_probe(task.probe, **task.options)
+    if not task.log_samples:
+        return probe.run(adapter, task.unit, seed=task.seed)
+    from audit.samples import recording, samples_frame
+
+    wrapped, records = recording(adapter, probe=task.probe)
+    rows = probe.run(wrapped, task.unit, seed=task.seed)
+    rows.attrs["samples"] = samples_frame(records)
+    return rows
 
 
 class LocalExecutor:
