@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import os
 import subprocess
@@ -113,7 +114,36 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
               "this address can read the store", file=sys.stderr)
     cmd, env = dashboard_command(store=store, host=args.host, port=args.port)
     print(f"dashboard on http://{args.host}:{args.port} (store {store}); Ctrl-C stops it", file=sys.stderr)
+    return _supervise(cmd, env)
+
+
+def _supervise(cmd: list[str], env: dict) -> int:
+    """Run Streamlit as a child in its own process group and take it down with us: SIGTERM,
+    SIGINT or SIGHUP to this process stops the whole group (otherwise the child is reparented
+    to PID 1 and keeps serving after `kill <pid>`)."""
+    import signal
+
+    child = subprocess.Popen(cmd, env=env, start_new_session=True)
+    stopping = {"sig": None}
+
+    def forward(signum, frame):
+        stopping["sig"] = signum
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGTERM)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
-        return subprocess.call(cmd, env=env)
-    except KeyboardInterrupt:
-        return 0
+        while True:
+            try:
+                code = child.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if child.poll() is None:  # the wait was interrupted some other way: never leave it behind
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+    return 0 if stopping["sig"] is not None else code

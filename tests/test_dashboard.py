@@ -4,10 +4,13 @@ their probes follow the catalog; no torch import; untrusted strings inert; run i
 image paths confined to the store and the data folder; loopback by default."""
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -389,3 +392,54 @@ def test_dashboard_command_binds_loopback_by_default(tmp_path, monkeypatch, caps
         cli.main(["dashboard", "--port", "70000"])
     assert exc.value.code == 2
     assert cli.main(["dashboard", "--store", str(tmp_path)]) == 2  # a folder is not a store
+
+
+def _children_of(pid: int) -> set[int]:
+    out: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            out |= {int(x) for x in (task / "children").read_text().split()}
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stopping_the_dashboard_by_pid_stops_streamlit_too(tmp_path, sig):
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "audit", "dashboard", "--store", str(tmp_path / "s.duckdb"),
+                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(240):  # wait for the server to answer (a hang guard, not a timing assertion)
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("the dashboard never answered")
+        children = _children_of(proc.pid)
+        assert children, "streamlit runs as a child process"
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+        for _ in range(60):
+            if not any(_alive(c) for c in children):
+                break
+            time.sleep(0.5)
+        assert not any(_alive(c) for c in children), "streamlit outlived the dashboard command"
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
