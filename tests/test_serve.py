@@ -12,8 +12,12 @@ import contextlib
 import http.server
 import inspect
 import json
+import os
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -153,10 +157,36 @@ def white(model_dir):
     return adapter
 
 
+class Counting:
+    """An adapter with its model calls recorded: a refusal must come before any of them."""
+
+    MODEL_CALLS = ("forward", "generate_detailed", "sequence_logprobs")
+
+    def __init__(self, inner) -> None:
+        self.inner, self.calls = inner, []
+
+    def __getattr__(self, name):
+        value = getattr(self.inner, name)
+        if name not in self.MODEL_CALLS:
+            return value
+
+        def counted(*args, **kwargs):
+            self.calls.append(name)
+            return value(*args, **kwargs)
+
+        return counted
+
+
 @pytest.fixture(scope="module")
-def url(model_dir):
-    with running(create_app(adapter=load_adapter(model_dir), model_name="tiny-llava")) as base:
-        yield base
+def served(model_dir):
+    counting = Counting(load_adapter(model_dir))
+    with running(create_app(adapter=counting, model_name="tiny-llava")) as base:
+        yield base, counting
+
+
+@pytest.fixture(scope="module")
+def url(served):
+    return served[0]
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +246,16 @@ def test_logprobs_absent_unless_asked(client):
 
 
 def test_endpoint_scores_equal_white_box(endpoint, white, queries):
+    assert endpoint.scoring == "exact"  # the server offers prompt_logprobs
     got, want = endpoint.score(queries), white.score(queries)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=TOL)
+
+
+def test_first_token_scores_equal_white_box_on_one_token_answers(url, white, queries):
+    # With at most 20 tokens, top_logprobs=20 lists every one: first-token scores are exact here.
+    adapter = EndpointAdapter(url, retries=2, timeout=60, scoring="first_token")
+    got, want = adapter.score(queries), white.score(queries)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, atol=TOL)
 
@@ -287,6 +326,23 @@ def malformed_cases(refuse_url: str) -> dict[str, tuple[bytes, int]]:
         "top_logprobs without logprobs": (js(body(PROMPT, top_logprobs=5)), 400),
         "streaming": (js(body(PROMPT, stream=True)), 400),
         "body too large": (b" " * (Limits().max_body_bytes + 1), 413),
+        "both prompt flags": (js(body(PROMPT, add_generation_prompt=True, continue_final_message=True)), 400),
+        "neither prompt flag": (js(body(PROMPT, add_generation_prompt=False)), 400),
+        "continue without assistant": (js(body(PROMPT, add_generation_prompt=False, continue_final_message=True)),
+                                       400),
+        "prompt_logprobs with max_tokens 4": (js(body(PROMPT, prompt_logprobs=0, max_tokens=4)), 400),
+        "prompt_logprobs 99": (js(body(PROMPT, prompt_logprobs=99)), 400),
+    }
+
+
+def malformed_completions() -> dict[str, tuple[dict, int]]:
+    return {
+        "prompt list": ({"prompt": [PROMPT, PROMPT]}, 400),
+        "token ids": ({"prompt": [1, 2, 3]}, 400),
+        "empty prompt": ({"prompt": ""}, 400),
+        "max_tokens 5": ({"prompt": PROMPT, "max_tokens": 5}, 400),
+        "logprobs 50": ({"prompt": PROMPT, "logprobs": 50}, 400),
+        "echo not a bool": ({"prompt": PROMPT, "echo": "yes"}, 400),
     }
 
 
@@ -299,6 +355,9 @@ def test_malformed_requests_get_json_4xx_and_server_keeps_serving(client):
             assert isinstance(error, dict) and error["message"], name
             assert client.get("/health").status_code == 200, name
         assert hits == []  # the http:// image was refused, never fetched
+    for name, (payload, status) in malformed_completions().items():
+        resp = client.post("/v1/completions", json=payload)
+        assert resp.status_code == status and resp.json()["error"]["message"], (name, resp.text)
     ok = client.post(CHAT, json=body(PROMPT, picture(1), max_tokens=2))
     assert ok.status_code == 200
 
@@ -346,7 +405,7 @@ def test_endpoint_non_json_answer():
 
 def test_endpoint_client_error_is_not_retried():
     with canned(400, b'{"error": {"message": "bad"}}') as (base, hits):
-        adapter = EndpointAdapter(base, model="m", retries=3, timeout=2)
+        adapter = EndpointAdapter(base, model="m", retries=3, timeout=2, scoring="first_token")  # no probe
         with pytest.raises(InputError, match="HTTP 400"):
             adapter.score([Query(PROMPT, None, COLOURS)])
         assert len(hits) == 1
@@ -365,10 +424,10 @@ def request(prompt: str) -> ChatRequest:
     return ChatRequest(Query(prompt, None, ()), 1, 0, False)
 
 
-def echo(queries, *, max_new_tokens, top_k):
-    if any(q.prompt == "boom" for q in queries):
+def echo(requests):
+    if any(r.query.prompt == "boom" for r in requests):
         raise RuntimeError("boom")
-    return [{"text": q.prompt} for q in queries]
+    return [{"text": r.query.prompt} for r in requests]
 
 
 def test_batcher_survives_a_failing_request():
@@ -385,10 +444,10 @@ def test_batcher_survives_a_failing_request():
 def test_batcher_survives_cancelled_requests():
     release, seen = threading.Event(), []
 
-    def slow(queries, *, max_new_tokens, top_k):
-        seen.extend(q.prompt for q in queries)
+    def slow(requests):
+        seen.extend(r.query.prompt for r in requests)
         release.wait(5)
-        return [{"text": q.prompt} for q in queries]
+        return [{"text": r.query.prompt} for r in requests]
 
     async def main():
         batcher = _Batcher(slow, Limits(batch_window_s=0.0))
@@ -434,3 +493,180 @@ def test_run_against_endpoint_writes_contract_outputs(url, small_data, tmp_path)
     assert {"modality_ablation", "hallucination"} <= probes
     skipped = [f for f in summary["findings"] if f["probe"] == "attention"]
     assert skipped and "white-box" in skipped[0]["message"]
+
+
+# ---------------------------------------------------------------------- prompt log-probabilities (vLLM's scoring API)
+def test_completions_echo_scores_equal_white_box(client, white):
+    """/v1/completions with echo: the candidate's prompt log-probabilities sum to the white-box score."""
+    cands = ("red blue", "red green", "blue red")  # several tokens each; the first two share their first
+    q = Query(PROMPT, None, cands)
+    want = white.score([q])[0]
+    rendered = white.render_prompt(q)
+    for cand, w in zip(cands, want):
+        resp = client.post("/v1/completions", json={"model": "m", "prompt": f"{rendered} {cand}", "echo": True,
+                                                    "logprobs": 1, "max_tokens": 0})
+        assert resp.status_code == 200, resp.text
+        choice = resp.json()["choices"][0]
+        block = choice["logprobs"]
+        assert choice["text"] == f"{rendered} {cand}" and block["token_logprobs"][0] is None
+        assert len(block["tokens"]) == len(block["token_logprobs"]) == len(block["top_logprobs"])
+        m = len(white.continuation_ids(cand))
+        assert abs(sum(block["token_logprobs"][-m:]) - w) < TOL
+    assert want[0] != want[1]  # the first token alone would tie them
+
+
+def test_chat_prompt_logprobs_in_vllm_shape(client, white):
+    q = Query(PROMPT, picture(2), ())
+    resp = client.post(CHAT, json=body(q.prompt, q.image, prompt_logprobs=3, max_tokens=1, logprobs=True,
+                                       top_logprobs=2))
+    assert resp.status_code == 200, resp.text
+    data = resp.json()
+    enc = white.encode([q])
+    n = enc.context_lengths[0]
+    ids = enc.input_ids[0, :n].tolist()
+    plp = data["prompt_logprobs"]
+    assert len(plp) == n == data["usage"]["prompt_tokens"] and plp[0] is None
+    for t, entry in enumerate(plp[1:], start=1):
+        assert int(next(iter(entry))) == ids[t]  # the prompt token itself is listed first
+        assert 1 <= len(entry) <= 4 and all({"logprob", "rank", "decoded_token"} <= set(v) for v in entry.values())
+        assert entry[str(ids[t])]["logprob"] <= 0 and entry[str(ids[t])]["rank"] >= 1
+    assert data["choices"][0]["message"]["content"] == white.generate([q], max_new_tokens=1)[0]
+    assert len(data["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 2
+    plain = client.post(CHAT, json=body(PROMPT, max_tokens=1)).json()
+    assert "prompt_logprobs" not in plain or plain["prompt_logprobs"] is None
+
+
+# ---------------------------------------------------------------------- hardening
+def test_context_length_is_refused_before_any_model_call(client, served, white):
+    counting = served[1]
+    context = white.model.config.text_config.max_position_embeddings
+    overhead = white.encode([Query("red", None, ())]).context_lengths[0] - 1  # template tokens around one word
+    too_long = " ".join(["red"] * (context + 5))
+    before = len(counting.calls)
+    refusals = [(CHAT, body(too_long, max_tokens=2)), (CHAT, body(too_long, picture(0))),
+                (CHAT, body(too_long, prompt_logprobs=0)),
+                (CHAT, {**body(PROMPT), "messages": [{"role": "user", "content": PROMPT},
+                                                     {"role": "assistant", "content": too_long}],
+                        "add_generation_prompt": False, "continue_final_message": True}),
+                ("/v1/completions", {"prompt": too_long, "echo": True, "logprobs": 0, "max_tokens": 0})]
+    fits = " ".join(["red"] * (context - 1 - overhead))  # exactly context - 1 prompt tokens
+    refusals.append((CHAT, body(fits, max_tokens=2)))  # the prompt fits; prompt + max_tokens does not
+    for path, payload in refusals:
+        resp = client.post(path, json=payload)
+        assert resp.status_code == 400 and "context" in resp.json()["error"]["message"], resp.text
+    assert counting.calls[before:] == []
+    assert client.post(CHAT, json=body(fits, max_tokens=1)).status_code == 200
+    assert counting.calls[before:] == ["generate_detailed"]
+
+
+def test_multi_megabyte_prompt_is_refused_without_a_model_call(client, served):
+    counting = served[1]
+    before = len(counting.calls)
+    huge = "red " * (6 * 1024 * 1024 // 4)  # 6 MB: under the body cap, far over any context
+    for path, payload in ((CHAT, body(huge)), ("/v1/completions", {"prompt": huge, "echo": True})):
+        resp = client.post(path, json=payload)
+        assert resp.status_code == 400 and "characters" in resp.json()["error"]["message"]
+    assert counting.calls[before:] == []
+    assert client.post(CHAT, json=body(PROMPT, max_tokens=1)).status_code == 200
+
+
+def test_chunked_body_over_the_cap_is_413(client):
+    def chunks():  # no Content-Length: the cap must hold while the body streams in
+        for _ in range(Limits().max_body_bytes // (1024 * 1024) + 2):
+            yield b" " * (1024 * 1024)
+
+    resp = client.post(CHAT, content=chunks(), headers={"content-type": "application/json"})
+    assert resp.status_code == 413
+    assert client.get("/health").status_code == 200
+
+
+class Stuck:
+    """A model far slower than the deadline: generate blocks until released."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def generate_detailed(self, queries, *, max_new_tokens, top_k):
+        self.release.wait(60)
+        return [{"text": "", "tokens": [], "finish_reason": "stop"} for _ in queries]
+
+
+def test_every_request_is_answered_within_its_deadline():
+    stuck = Stuck()
+    app = create_app(adapter=stuck, model_name="stuck", limits=Limits(request_timeout_s=1.0))
+    try:
+        with running(app) as base, httpx.Client(base_url=base, timeout=30) as c:
+            started = time.monotonic()
+            resp = c.post(CHAT, json=body(PROMPT))
+            assert resp.status_code == 503 and "deadline" in resp.json()["error"]["message"]
+            assert time.monotonic() - started < 25  # hang guard only
+            host, port = base.removeprefix("http://").split(":")
+            with socket.create_connection((host, int(port)), timeout=25) as sock:  # a body that never arrives
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 100\r\n\r\n{")
+                status_line = sock.recv(4096).split(b"\r\n")[0]
+            assert b" 408 " in status_line
+            assert c.get("/health").status_code == 200
+    finally:
+        stuck.release.set()
+
+
+def test_sigterm_stops_the_server(model_dir):
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "audit", "serve", "--model", str(model_dir), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.monotonic() + 300  # hang guard: the server loads torch and the model first
+        while True:
+            assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.2)
+        # A client still sending its request: graceful shutdown must not wait for it.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
+            slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            time.sleep(0.2)
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=90)
+        _, err = proc.communicate(timeout=10)
+        assert rc in (0, -signal.SIGTERM), err.decode()[-2000:]
+        assert b"Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("port", [0, 70000, -1, True])
+def test_serve_port_outside_range_is_one_line(port, model_dir):
+    with pytest.raises(InputError, match="--port") as info:  # checked before the model loads
+        serve(model_dir=str(model_dir), port=port)
+    assert "1-65535" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_cli_serve_bad_port_exits_2(model_dir, capsys):
+    from audit.cli import main
+
+    try:  # argparse may refuse it first (SystemExit) or serve() does (InputError -> 2)
+        rc = main(["serve", "--model", str(model_dir), "--port", "70000"])
+    except SystemExit as exc:
+        rc = exc.code
+    assert rc == 2
+    assert "--port" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_serve_warns_when_reachable_from_the_network(model_dir, monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.append(kw))  # nothing is bound
+    serve(model_dir=str(model_dir), host="0.0.0.0", port=8000)
+    err = capsys.readouterr().err
+    assert "warning" in err and "0.0.0.0" in err and "no authentication" in err
+    assert seen[-1]["host"] == "0.0.0.0" and seen[-1]["timeout_graceful_shutdown"] > 0
+    assert seen[-1]["limit_concurrency"] > 0
+    serve(model_dir=str(model_dir), port=8000)
+    assert "warning" not in capsys.readouterr().err and seen[-1]["host"] == "127.0.0.1"
