@@ -69,7 +69,7 @@ class ProbeSpec:
     section: str = ""
     page: str = ""
     module: str = ""  # "package.module:Class"; empty for plugins that register the class directly
-    needs: tuple[str, ...] = ()  # Capabilities flags that must be true (white_box, hooks, gradients, ...)
+    needs: tuple[str, ...] = ()  # Capabilities flags that must be true (white_box, hooks, gradients, logprobs ...)
     kinds: tuple[str, ...] = ("generative", "dual_encoder")
     fusions: tuple[str, ...] = ()  # accepted Capabilities.fusion values; empty = any
     extra: str | None = None  # pip extra that provides `requires`
@@ -111,7 +111,7 @@ _BUILTIN = (
         suites=(_QUICK, _STD, _FULL), section="interpretability", page="modality",
         module="probes.modality_ablation:ModalityAblation",
         known_answer="blind model (zeroed projector) and `text_shortcut` read exactly 0",
-        metrics=(
+        needs=("logprobs",), metrics=(
             _m("image_reliance", "Image reliance", "How far the answer distribution moves (total variation, 0-1) "
                "when the image is replaced; 0 means the answer ignores the image.", dims=("variant",), headline=True),
             _m("text_reliance", "Text reliance", "How far the answer distribution moves when the prompt is emptied "
@@ -167,7 +167,7 @@ _BUILTIN = (
                  "Contributions in Vision and Language Models & Tasks (ACL)",
         suites=(_FULL,), section="interpretability", page="modality", module="probes.mm_shap:MMShap",
         known_answer="analytic two-player games; blind model reads 0; permutation invariance",
-        metrics=(
+        needs=("logprobs",), metrics=(
             _m("v_shap", "Image share of Shapley value", "Share of the answer's Shapley attribution carried by "
                "image patches; with t_shap it sums to 1.", headline=True),
             _m("t_shap", "Text share of Shapley value", "Share carried by the prompt's words.", headline=True),
@@ -216,7 +216,7 @@ _BUILTIN = (
         suites=(_STD, _FULL), section="fairness", page="bias",
         module="probes.counterfactual_bias:CounterfactualBias",
         known_answer="rule models read flip 0 / 1; simulated false-alarm rate and power",
-        metrics=(
+        needs=("logprobs",), metrics=(
             _m("flip_rate", "Flip rate", "Share of counterfactual sets whose chosen answer changes when only the "
                "attribute changes.", "lower", dims=("attribute",), headline=True),
             _m("mean_abs_logprob_gap", "Mean log-probability gap", "Mean over sets of the largest difference in "
@@ -335,7 +335,7 @@ _BUILTIN = (
                  "Yeom et al. 2018, Privacy Risk in Machine Learning (CSF)",
         suites=(_FULL,), section="privacy", page="privacy", module="probes.privacy_audit:PrivacyAudit",
         known_answer="epsilon lower bound <= accountant epsilon on DP models; the non-private control leaks more",
-        metrics=(
+        needs=("logprobs",), metrics=(
             _m("epsilon_lower_bound", "Empirical epsilon lower bound", "With 95% confidence the training run is "
                "not (epsilon, delta)-DP for any smaller epsilon; 0 = no leakage shown.", "lower", unit="epsilon",
                dims=("variant",), headline=True),

@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=port, default=8000)
     s.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    s.add_argument("--max-batch", type=positive_int, default=16)
+    s.add_argument("--max-batch", type=positive_int, default=16, help="requests scored together (default 16)")
+    s.add_argument("--request-timeout", type=positive_float, default=120.0,
+                   help="every request is answered or rejected within this many seconds (default 120)")
 
     ls = sub.add_parser("runs", help="list stored runs")
     ls.add_argument("--store", metavar="DB_PATH")

@@ -36,7 +36,8 @@ def cmd_reference(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from reference_models.serve import serve
 
-    serve(model_dir=args.model, host=args.host, port=args.port, device=args.device, max_batch=args.max_batch)
+    serve(model_dir=args.model, host=args.host, port=args.port, device=args.device, max_batch=args.max_batch,
+          request_timeout=args.request_timeout)
     return 0
 
 

@@ -41,6 +41,13 @@ class RunConfig(BaseModel):
     allow_missing_weights: bool = False
     force: bool = False
     log_samples: bool = False
+    score_mode: Literal["logprob", "generate"] = "logprob"
+    max_new_tokens: int = Field(default=32, ge=1)
+    api_key_env: str | None = None
+    endpoint_model: str | None = None
+    concurrency: int = Field(default=4, ge=1)
+    timeout: float = Field(default=60.0, gt=0, allow_inf_nan=False)
+    header: list[str] | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> "RunConfig":

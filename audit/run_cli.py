@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from audit.argtypes import batch_size, positive_int, seed
+from audit.argtypes import batch_size, positive_float, positive_int, seed
 from audit.errors import InputError
 
 __all__ = ["add_commands", "cmd_run", "RUN_DEFAULTS", "resolve_run_options"]
@@ -20,7 +20,8 @@ RUN_DEFAULTS = {"model": None, "endpoint": None, "data": None, "suite": None, "p
                 "device": "cpu", "seed": 0, "store": None, "on_error": "stop", "batch_size": 16,
                 "max_examples": None, "parent": None, "yes": False, "dtype": "auto", "device_map": None,
                 "revision": None, "trust_remote_code": False, "allow_missing_weights": False, "force": False,
-                "log_samples": False}
+                "log_samples": False, "score_mode": "logprob", "max_new_tokens": 32, "api_key_env": None,
+                "endpoint_model": None, "concurrency": 4, "timeout": 60.0, "header": None}
 CONFIRM_SECONDS = 600  # ask before an interactive run estimated to take longer than this
 
 
@@ -65,6 +66,18 @@ def add_commands(sub) -> None:
                    help="audit at most this many examples per probe (the run says which probes were capped)")
     r.add_argument("--parent", metavar="RUN_DIR", help="an earlier run this one re-audits (lineage in the store and "
                                                        "the report's before/after comparison)")
+    r.add_argument("--score-mode", choices=("logprob", "generate"),
+                   help="logprob (default): choices scored by log-probability; generate: the model answers freely "
+                        "and the answer is parsed as POPE and lmms-eval/VLMEvalKit do (yes/no, option letters)")
+    r.add_argument("--max-new-tokens", type=positive_int, help="generate mode: tokens per answer (default 32)")
+    e = r.add_argument_group("endpoint options (with --endpoint)")
+    e.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the API key (default "
+                   "OPENAI_API_KEY when it is set); the key is never logged, stored or reported")
+    e.add_argument("--endpoint-model", metavar="NAME", help="served model to audit (needed when the server lists "
+                                                             "several)")
+    e.add_argument("--concurrency", type=positive_int, help="requests in flight at once (default 4)")
+    e.add_argument("--timeout", type=positive_float, help="total deadline per request in seconds (default 60)")
+    e.add_argument("--header", action="append", metavar='"K: V"', help="extra HTTP header (repeatable)")
     r.add_argument("--log-samples", action="store_true",
                    help="write RUN_DIR/samples.parquet: every scored query's rendered prompt, variant, candidate "
                         "scores and generated text (docs/format.md)")
@@ -103,6 +116,20 @@ def resolve_run_options(args: argparse.Namespace) -> dict:
     if opts["model"] and opts["endpoint"]:
         raise InputError("give --model or --endpoint, not both", where="mmaudit run")
     return opts
+
+
+def _endpoint_options(opts: dict) -> dict:
+    """EndpointAdapter keyword arguments; the key is read from the environment only."""
+    import os
+
+    var = opts["api_key_env"] or ("OPENAI_API_KEY" if os.environ.get("OPENAI_API_KEY") else None)
+    key = None
+    if var:
+        key = os.environ.get(var)
+        if not key:
+            raise InputError(f"the environment variable {var} is not set or empty", where="--api-key-env")
+    return {"model": opts["endpoint_model"], "api_key": key, "api_key_env": var, "concurrency": opts["concurrency"],
+            "timeout": opts["timeout"], "headers": tuple(opts["header"] or ())}
 
 
 def _model_findings(info: dict) -> list[dict]:
@@ -150,6 +177,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         model = str(Path(model).expanduser().resolve())
     if opts["endpoint"] and any(opts[k] for k in ("device_map", "revision", "trust_remote_code")):
         raise InputError("--device-map, --revision and --trust-remote-code apply to --model only", where="mmaudit run")
+    if opts["model"] and (opts["api_key_env"] or opts["endpoint_model"] or opts["header"]):
+        raise InputError("--api-key-env, --endpoint-model and --header apply to --endpoint only", where="mmaudit run")
     parent = _parent_run_id(opts["parent"])
     from audit.paths import check_output
 
@@ -157,8 +186,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                                       ("--parent", opts["parent"])])
     adapter, model_info = load_model(model, device=opts["device"], dtype=opts["dtype"], device_map=opts["device_map"],
                                      revision=opts["revision"], trust_remote_code=opts["trust_remote_code"],
-                                     allow_missing_weights=opts["allow_missing_weights"])
+                                     allow_missing_weights=opts["allow_missing_weights"],
+                                     endpoint_options=_endpoint_options(opts) if opts["endpoint"] else None)
     pre += _model_findings(model_info)
+    if opts["score_mode"] == "generate":
+        from audit.adapters.generate_mode import GenerateModeAdapter
+
+        adapter = GenerateModeAdapter(adapter, max_new_tokens=opts["max_new_tokens"])
+        model_info = {**model_info, "score_mode": "generate"}
     try:
         size = opts["batch_size"]
         if size == "auto":
@@ -171,7 +206,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                        max_examples=opts["max_examples"], suite=opts["suite"], store=opts["store"],
                        parent_run_id=parent, model_info=model_info, log_samples=opts["log_samples"],
                        extra={"dtype": model_info.get("dtype"), "device_map": opts["device_map"],
-                              "batch_size_requested": opts["batch_size"]})
+                              "batch_size_requested": opts["batch_size"], "score_mode": opts["score_mode"]})
         result = run_audit(spec, adapter=adapter, data=data, log=_err, pre_findings=pre,
                            confirm=None if opts["yes"] else _ask, force=opts["force"])
     finally:

@@ -274,6 +274,7 @@ def run_audit(spec: RunSpec, *, adapter: ModelAdapter, data: Dataset, executor=N
         raise KeyboardInterrupt
 
     failed: list[str] = []
+    answers: dict[str, tuple[int, int]] = {}  # generate mode: probe -> (answers read, not parsed)
     kill_after = int(os.environ.get(FAULT_ENV, "0") or 0)
     written = {"n": 0}
 
@@ -290,6 +291,8 @@ def run_audit(spec: RunSpec, *, adapter: ModelAdapter, data: Dataset, executor=N
             probe_info[name]["status"] = "failed"
             return
         samples = rows.attrs.pop("samples", None)  # parquet would try to store attrs as JSON
+        read, unparsed = rows.attrs.pop("answers", (0, 0))
+        answers[name] = tuple(a + b for a, b in zip(answers.get(name, (0, 0)), (read, unparsed)))
         rows = rows.reindex(columns=ROW_COLUMNS)
         path = out / "units" / name / f"{k:05d}.parquet"
         if samples is not None:  # the transcript first: a unit file means its transcript exists
@@ -304,6 +307,16 @@ def run_audit(spec: RunSpec, *, adapter: ModelAdapter, data: Dataset, executor=N
     t0 = time.perf_counter()
     executor.run(tasks, on_result=on_result, progress=progress)
     elapsed = time.perf_counter() - t0
+
+    for name, (read, unparsed) in answers.items():
+        if unparsed:
+            findings.append({"probe": name, "severity": "warning" if unparsed > 0.05 * read else "info",
+                             "message": f"{unparsed} of {read} generated answers matched no choice (POPE / VLMEvalKit "
+                                        "parsing rules) and were scored as ties"})
+    for note in adapter.capabilities.notes:
+        if note.startswith(("approximate", "generate mode")):
+            findings.append({"probe": "run", "severity": "warning" if note.startswith("approximate") else "info",
+                             "message": note})
 
     all_rows, all_metrics = [], []
     for probe, plan in plans:

@@ -77,8 +77,10 @@ def recording(adapter, *, probe: str):
 
     def score(self, queries, *, batch_size: int = 16):
         out = adapter.score(queries, batch_size=batch_size)
-        for q, s in zip(queries, out):
-            _add(q, "score", scores=s)
+        texts = getattr(adapter, "last_answers", None)  # generate mode: the answers the scores were read from
+        texts = texts if isinstance(texts, list) and len(texts) == len(out) else [None] * len(out)
+        for q, s, text in zip(queries, out, texts):
+            _add(q, "score", scores=s, text=text)
         return out
 
     def generate(self, queries, *, max_new_tokens: int = 8):

@@ -117,6 +117,8 @@ class Probe(ABC):
         missing = [flag for flag in spec.needs if not getattr(caps, flag, False)]
         if missing and not problems:
             what = "white-box access" if "white_box" in missing else " and ".join(missing)
+            if missing == ["logprobs"]:
+                what = "log-probabilities of the choices (generate mode only gives the chosen answer)"
             problems.append(f"{spec.name} needs {what}; this adapter ({adapter.architecture}) does not provide it")
         if spec.fusions and caps.fusion not in spec.fusions and not problems:
             problems.append(f"{spec.name} needs image tokens in the sequence ({'/'.join(spec.fusions)} fusion); "

@@ -38,7 +38,7 @@ def test_every_spec_is_complete():
         assert any(m.headline for m in spec.metrics), spec.name
         for m in spec.metrics:
             assert m.direction in ("higher", "lower", "none") and m.label and m.meaning
-        assert set(spec.needs) <= {"white_box", "hooks", "attention_patterns", "gradients"}
+        assert set(spec.needs) <= {"white_box", "hooks", "attention_patterns", "gradients", "logprobs"}
 
 
 def test_direction_is_data_not_a_guess_from_the_name():

@@ -68,6 +68,7 @@ class Capabilities:
     hooks: bool = False
     attention_patterns: bool = False
     gradients: bool = False
+    logprobs: bool = True  # scores are log-probabilities (False: generate mode's parsed-answer indicators)
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 

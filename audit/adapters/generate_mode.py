@@ -41,7 +41,8 @@ class GenerateModeAdapter(ModelAdapter):
         self.architecture = inner.architecture
         self.device = inner.device
         self.capabilities = Capabilities(kind="generative", white_box=False, fusion=inner.capabilities.fusion,
-                                         notes=(GENERATE_NOTE,))
+                                         logprobs=False, notes=(GENERATE_NOTE,))
+        self.last_answers: list[str] = []  # the texts behind the latest score() (--log-samples reads them)
         self.answers_read = 0
         self.parse_failures = 0
         self._lock = threading.Lock()  # counters stay right if threads share the adapter
@@ -83,4 +84,5 @@ class GenerateModeAdapter(ModelAdapter):
         with self._lock:
             self.answers_read += len(queries)
             self.parse_failures += failures
+            self.last_answers = list(answers)
         return scores

@@ -35,13 +35,17 @@ def run_task(adapter, task: Task) -> pd.DataFrame:
     from probes.base import get_probe
 
     probe = get_probe(task.probe, **task.options)
-    if not task.log_samples:
-        return probe.run(adapter, task.unit, seed=task.seed)
-    from audit.samples import recording, samples_frame
+    read0, failed0 = getattr(adapter, "answers_read", None), getattr(adapter, "parse_failures", None)
+    if task.log_samples:
+        from audit.samples import recording, samples_frame
 
-    wrapped, records = recording(adapter, probe=task.probe)
-    rows = probe.run(wrapped, task.unit, seed=task.seed)
-    rows.attrs["samples"] = samples_frame(records)
+        wrapped, records = recording(adapter, probe=task.probe)
+        rows = probe.run(wrapped, task.unit, seed=task.seed)
+        rows.attrs["samples"] = samples_frame(records)
+    else:
+        rows = probe.run(adapter, task.unit, seed=task.seed)
+    if isinstance(read0, int) and isinstance(failed0, int):  # generate mode: answers read / not parsed
+        rows.attrs["answers"] = (adapter.answers_read - read0, adapter.parse_failures - failed0)
     return rows
 
 
