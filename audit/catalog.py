@@ -286,12 +286,14 @@ _BUILTIN = (
                     "per negative-sampling setting.",
         citation="Li et al. 2023, Evaluating Object Hallucination in Large Vision-Language Models (EMNLP)",
         suites=(_STD, _FULL), section="safety", page="safety", module="probes.hallucination:Hallucination",
-        known_answer="POPE's evaluate.py formula per setting",
+        known_answer="POPE's evaluate.py formula per setting (by hand); yes-bias test calibrated at 1%",
         metrics=(
             _m("pope_accuracy", "POPE accuracy", "Share of presence questions answered correctly.", "higher",
                dims=("setting",), headline=True),
-            _m("pope_yes_ratio", "Yes ratio", "Share of 'yes' answers; balanced questions expect about 0.5.",
-               dims=("setting",), headline=True, target=0.5),
+            _m("pope_yes_ratio", "Yes ratio", "Share of 'yes' answers; a model without a yes/no bias matches the "
+               "true yes share (pope_true_yes_ratio).", dims=("setting",), headline=True),
+            _m("pope_true_yes_ratio", "True yes share", "Share of questions whose reference answer is yes: the "
+               "yes-ratio of a model without a yes/no bias.", dims=("setting",)),
             _m("pope_precision", "Precision", "Share of 'yes' answers that are right.", "higher", dims=("setting",)),
             _m("pope_recall", "Recall", "Share of present objects answered 'yes'.", "higher", dims=("setting",)),
             _m("pope_f1", "F1", "Harmonic mean of precision and recall.", "higher", dims=("setting",)),
@@ -340,12 +342,12 @@ _BUILTIN = (
                "not (epsilon, delta)-DP for any smaller epsilon; 0 = no leakage shown.", "lower", unit="epsilon",
                dims=("variant",), headline=True),
             _m("epsilon_theoretical", "Accountant's epsilon", "The epsilon the DP accountant guarantees.", "lower",
-               unit="epsilon"),
+               unit="epsilon", dims=("variant",)),
             _m("mia_auc", "Membership inference AUC", "ROC AUC of telling training canaries from held-out ones; "
                "0.5 = no leakage.", "lower", unit="probability", headline=True, target=0.5),
             _m("tpr_at_1pct_fpr", "TPR at 1% FPR", "Share of members found while flagging at most 1% of "
                "non-members.", "lower", unit="probability"),
-            _m("delta", "delta", "The delta the epsilon values refer to.", unit="probability"),
+            _m("delta", "delta", "The delta the epsilon values refer to.", unit="probability", dims=("variant",)),
         )),
 )
 

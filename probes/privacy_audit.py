@@ -9,9 +9,11 @@ Score (loss-threshold membership inference, Yeom et al. 2018): s = the model's
 log-probability of the canary's answer given its prompt and image, per answer word (the
 matching score for a dual encoder). Members should score higher.
 
-Metrics (group None unless noted):
-- `mia_auc`: ROC AUC of s for member vs non-member (0.5 = no leakage); percentile
-  bootstrap interval over canaries.
+Metrics (group None unless noted; `variant` names the estimator):
+- `mia_auc`: ROC AUC of s for member vs non-member (0.5 = no leakage): the Mann-Whitney
+  U statistic over n_member · n_non-member (a tie counts one half); percentile bootstrap
+  interval over canaries, or an exact one from disjoint pairs where that has zero width
+  (`auc_interval`).
 - `tpr_at_1pct_fpr`: the largest true-positive rate at a threshold whose false-positive
   rate is ≤ 1 %; its interval is Clopper–Pearson (95 %) on the members above that threshold.
 - `epsilon_lower_bound`: the one-run audit of Steinke, Nasr & Jagielski (2023), "Privacy
@@ -25,22 +27,28 @@ Metrics (group None unless noted):
   ε̂ = sup{ε ≥ 0 : p(ε, δ) < β} (bisection), reported at β = 0.05: with 95 % confidence the
   run is not (ε̂, δ)-DP. k is tried at 10 %, 25 % and 50 % of m per side, each at β/3
   (Bonferroni), so choosing the best k keeps the level. δ is the accountant's when the model
-  has one, else 1/(10 N_train). Rows with group "k=…" give each guess count's bound.
+  has one, else 1/(10 N_train) (0, with an info finding, when the data has no train split).
+  The headline row has variant "one_run"; rows with variant "one_run_10pct" (…25, 50; group
+  "k=… (v/r correct)") give each guess count's bound.
   The synthetic data draws members as a balanced random half (exchangeable, not independent
   coin flips as the theorem assumes); with m ≥ 32 the difference is negligible in practice.
-- `epsilon_lower_bound` group "clopper_pearson": the classic threshold-attack estimate
+- `epsilon_lower_bound` group and variant "clopper_pearson": the classic threshold-attack estimate
   (Jagielski et al. 2020): at the score threshold maximising it among the pooled-score
   quantiles 50/75/90 %, ε ≥ max(log((1−δ−FNR⁺)/FPR⁺), log((1−δ−FPR⁺)/FNR⁺)) with one-sided
   Clopper–Pearson upper bounds FPR⁺, FNR⁺ (Bonferroni over thresholds and the two rates).
   It treats canaries as independent trials, which one training run does not strictly give,
   so it is reported beside the one-run bound, never as the headline value.
 - `epsilon_theoretical` (DP models only): ε recomputed by the Opacus accountant from
-  MODEL_DIR/dp_accountant.json (or the privacy block of defense.json) at its δ. An
-  `epsilon_lower_bound` above it means the DP implementation is broken (a "fail" finding).
+  MODEL_DIR/dp_accountant.json (or the privacy block of defense.json) at its δ; variant =
+  the accountant. An `epsilon_lower_bound` above it means the DP implementation is broken
+  (a "fail" finding; the bound holds with 95 % confidence, so a correct DP run gets it with
+  probability at most 5 %).
 
 Data: the runner hands probes the test split, but members live in the train split, so
-`select` reloads the manifest from `data.path` (all splits, bad lines skipped) and returns
-every canary; the audit's data hash is unchanged because it is the same folder.
+`plan` reloads the manifest from `data.path` (all splits, bad lines skipped), takes every
+canary, reads the model's accountant state and fixes δ; units carry δ, its source and the
+accountant's ε in `params` (the first unit writes them as rows for `summarize`). The
+audit's data hash is unchanged because it is the same folder.
 
 Not done: offline LiRA (Carlini et al. 2022) would need tens of shadow models trained with
 and without each canary — minutes per shadow even for the tiny reference model — and is
@@ -55,10 +63,11 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from audit.adapters.base import ModelAdapter, Query
+from audit.adapters.base import DualEncoderWhiteBox, GenerativeWhiteBox, ModelAdapter, Query
+from audit.catalog import CATALOG
 from audit.dataset import Dataset, Example
-from probes._stats import bootstrap_stat, seed_for
-from probes.base import METRIC_COLUMNS, Probe, ProbeInfo, register, rows_frame
+from audit.stats import bootstrap_stat, proportion_ci, seed_for
+from probes.base import Plan, Probe, Unit, finding, metrics_frame, register, rows_frame
 
 __all__ = [
     "BETA",
@@ -66,6 +75,8 @@ __all__ = [
     "PrivacyAudit",
     "clopper_pearson",
     "clopper_pearson_epsilon",
+    "auc_interval",
+    "mia_auc",
     "one_run_epsilon",
     "one_run_p_value",
     "tpr_at_fpr",
@@ -75,6 +86,7 @@ BETA = 0.05
 GUESS_FRACTIONS = (0.1, 0.25, 0.5)
 THRESHOLD_QUANTILES = (0.5, 0.75, 0.9)
 MEMBER = {"yes": 1, "no": 0}
+DELTA_DEFAULT = "1/(10 N_train)"
 
 
 def _member(e: Example) -> int | None:
@@ -129,14 +141,9 @@ def one_run_epsilon(scores, members, *, delta: float, beta: float = BETA,
     return best, details
 
 
-def clopper_pearson(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
+def clopper_pearson(successes: int, n: int, *, level: float = 0.95) -> tuple[float, float]:
     """Two-sided exact binomial interval."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    a = 1 - level
-    lo = 0.0 if successes == 0 else float(stats.beta.ppf(a / 2, successes, n - successes + 1))
-    hi = 1.0 if successes == n else float(stats.beta.ppf(1 - a / 2, successes + 1, n - successes))
-    return lo, hi
+    return proportion_ci(successes, n, level=level, method="exact")
 
 
 def _cp_upper(successes: int, n: int, alpha: float) -> float:
@@ -174,118 +181,179 @@ def tpr_at_fpr(scores, members, fpr: float = 0.01) -> tuple[float, int, int]:
     return (tp / len(pos) if len(pos) else float("nan")), tp, len(pos)
 
 
-def _auc(scores, members) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    y = np.asarray(members, dtype=int)
-    if y.min() == y.max():
+def mia_auc(scores, members) -> float:
+    """ROC AUC of `scores` for members: P(member score > non-member score) + ½ P(tie),
+    i.e. the Mann-Whitney U of the members over n_member · n_non-member."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(members, dtype=int).astype(bool)
+    n1, n0 = int(y.sum()), int((~y).sum())
+    if not n1 or not n0:
         return float("nan")
-    return float(roc_auc_score(y, scores))
+    u = stats.mannwhitneyu(s[y], s[~y], alternative="two-sided", method="asymptotic").statistic
+    return float(u) / (n1 * n0)
 
 
-# ---------------------------------------------------------------------------- the probe
+def auc_interval(scores, members, *, seed: int, n_boot: int = 1000, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of `mia_auc` over canaries. When every resample gives
+    the same AUC (perfect separation, all scores tied) that interval has zero width; then
+    it is the exact interval from disjoint (member, non-member) pairs in the given order,
+    which are independent: P(X > Y) ≤ AUC ≤ P(X ≥ Y), so ties count as losses for the
+    lower limit and as wins for the upper one (Clopper-Pearson on each)."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(members, dtype=int).astype(bool)
+    lo, hi = bootstrap_stat(len(s), lambda idx: mia_auc(s[idx], y[idx]), seed=seed, n_boot=n_boot, level=level)
+    if np.isfinite(lo) and np.isfinite(hi) and hi > lo:
+        return lo, hi
+    pos, neg = s[y], s[~y]
+    m = min(len(pos), len(neg))
+    if m == 0:
+        return (float("nan"), float("nan"))
+    wins, ties = int(np.sum(pos[:m] > neg[:m])), int(np.sum(pos[:m] == neg[:m]))
+    return (proportion_ci(wins, m, level=level, method="exact")[0],
+            proportion_ci(wins + ties, m, level=level, method="exact")[1])
+
+
+# ---------------------------------------------------------------------------- planning
 def _model_dir(adapter: ModelAdapter) -> Path | None:
-    name = getattr(getattr(adapter, "model", None), "name_or_path", None)
+    """The local model folder of a white-box adapter (where a DP accountant is saved)."""
+    if not isinstance(adapter, (GenerativeWhiteBox, DualEncoderWhiteBox)):
+        return None
+    name = getattr(adapter.model, "name_or_path", None)
     return Path(name) if name and Path(name).is_dir() else None
 
 
+def _privacy_params(adapter: ModelAdapter, full: Dataset) -> dict:
+    """δ (the accountant's, else 1/(10 N_train)), its source, and the accountant's ε."""
+    state, path = None, _model_dir(adapter)
+    if path is not None:
+        from defenses.record import read_accountant
+
+        state = read_accountant(path)
+    if state is not None:
+        from defenses.record import epsilon_from_accountant
+
+        return {"delta": float(state["delta"]), "delta_source": "accountant",
+                "epsilon_theoretical": epsilon_from_accountant(state), "accountant": str(state.get("accountant"))}
+    n_train = sum(1 for e in full if e.split == "train" and e.answer is not None)
+    return {"delta": 1.0 / (10 * n_train) if n_train else 0.0, "delta_source": DELTA_DEFAULT if n_train else "none",
+            "epsilon_theoretical": None, "accountant": None}
+
+
+# ---------------------------------------------------------------------------- the probe
 @register
 class PrivacyAudit(Probe):
-    info = ProbeInfo(
-        name="privacy_audit",
-        category="privacy",
-        description="Membership inference on canaries (loss threshold): ROC AUC, TPR at 1% FPR, and a one-run "
-                    "lower bound on the training run's ε, beside the accountant's ε for DP models.",
-        citation="Steinke, Nasr & Jagielski 2023, Privacy Auditing with One (1) Training Run (NeurIPS); "
-                 "Jagielski, Ullman & Oprea 2020, Auditing Differentially Private Machine Learning (NeurIPS); "
-                 "Yeom et al. 2018, Privacy Risk in Machine Learning (CSF)",
-        cost_per_example=1.0,
-        metrics=("epsilon_lower_bound", "epsilon_theoretical", "mia_auc", "tpr_at_1pct_fpr", "delta"),
-    )
+    spec = CATALOG["privacy_audit"]
     unit_size = 64
 
-    def __init__(self, *, beta: float = BETA, n_boot: int = 1000) -> None:
+    def __init__(self, *, batch_size: int = 16, beta: float = BETA, n_boot: int = 1000) -> None:
+        super().__init__(batch_size=batch_size)
+        if not 0 < beta < 1:
+            raise ValueError("beta must be in (0, 1)")
         self.beta = beta
         self.n_boot = n_boot
-        self._default_delta: float | None = None
 
-    def select(self, data: Dataset) -> Dataset:
+    @staticmethod
+    def _all_splits(data: Dataset) -> Dataset:
         # The runner passes the audit (test) split; members are in "train": reload every split.
-        full = Dataset.load(data.path, on_error="skip")
-        n_train = sum(1 for e in full if e.split == "train" and e.answer is not None)
-        self._default_delta = 1.0 / (10 * n_train) if n_train else None
-        return full.select(tags=("canary",), predicate=lambda e: _member(e) is not None and bool(e.answer))
+        return Dataset.load(data.path, on_error="skip", max_image_pixels=data.max_image_pixels)
 
-    def run(self, adapter: ModelAdapter, data: Dataset, *, seed: int) -> pd.DataFrame:
-        examples = list(data)
-        name = self.info.name
+    @staticmethod
+    def _canaries(full: Dataset) -> list[Example]:
+        kept = full.select(tags=("canary",), predicate=lambda e: _member(e) is not None and bool(e.answer))
+        return sorted(kept, key=lambda e: e.id)
+
+    def select(self, data: Dataset) -> list[Example]:
+        """Every canary with a membership label and an answer, from all splits, in id order."""
+        return self._canaries(self._all_splits(data))
+
+    def plan(self, adapter: ModelAdapter, data: Dataset, *, max_examples: int | None = None) -> Plan:
+        problems = self.check(adapter)
+        if problems:
+            return Plan(self.name, skipped=tuple(problems))
+        full = self._all_splits(data)
+        examples = self._canaries(full)
+        selected = len(examples)
+        examples = examples[:max_examples] if max_examples is not None else examples
+        params = _privacy_params(adapter, full)
+        found = ()
+        if params["delta_source"] == "none":
+            found = (finding(self.name, "info", "the data has no train split, so delta = 0 was used for the "
+                                                "epsilon lower bounds (a pure epsilon-DP claim)"),)
+        return Plan(self.name, units=self.chunk(adapter, full, examples, params=params), findings=found,
+                    n_selected=selected)
+
+    def run(self, adapter: ModelAdapter, unit: Unit, *, seed: int) -> pd.DataFrame:
+        data = unit.dataset()
+        examples = list(unit.examples)
+        name, p = self.name, unit.params
         queries = [Query(e.prompt, data.image(e), (e.answer,)) for e in examples]
-        scores = adapter.score(queries) if queries else []
+        scores = adapter.score(queries, batch_size=self.batch_size) if queries else []
         records = []
         for e, s in zip(examples, scores):
             words = max(1, len(e.answer.split()))
             records.append(dict(probe=name, metric="score", value=float(np.asarray(s)[0]) / words, example_id=e.id,
-                                group="member" if _member(e) else "non_member", site=None, variant=None))
-        state, path = None, _model_dir(adapter)
-        if path is not None:
-            from defenses.record import epsilon_from_accountant, read_accountant
-
-            state = read_accountant(path)
-        if state is not None:
-            records.append(dict(probe=name, metric="epsilon_theoretical", value=epsilon_from_accountant(state),
-                                example_id=None, group=None, site=state.get("accountant"), variant=None))
-            records.append(dict(probe=name, metric="delta", value=float(state["delta"]), example_id=None,
-                                group=None, site="accountant", variant=None))
-        elif self._default_delta is not None:
-            records.append(dict(probe=name, metric="delta", value=self._default_delta, example_id=None,
-                                group=None, site="1/(10 N_train)", variant=None))
+                                group="member" if _member(e) else "non_member"))
+        if unit.index == 0:  # run-level facts, once
+            records.append(dict(probe=name, metric="delta", value=float(p["delta"]), variant=p["delta_source"]))
+            if p.get("epsilon_theoretical") is not None:
+                records.append(dict(probe=name, metric="epsilon_theoretical", value=float(p["epsilon_theoretical"]),
+                                    variant=p.get("accountant")))
         return rows_frame(records)
 
     def summarize(self, rows: pd.DataFrame, *, seed: int) -> pd.DataFrame:
-        name = self.info.name
-        sc = rows[rows.metric == "score"].sort_values("example_id")
+        name = self.name
+        sc = rows[rows.metric == "score"].sort_values("example_id", kind="stable")
         s = sc.value.to_numpy(dtype=np.float64)
-        y = (sc.group == "member").to_numpy(dtype=int)
-        out: list[tuple] = []
-        d = rows[rows.metric == "delta"].value
-        delta = float(d.iloc[0]) if len(d) else 0.0
+        y = sc.group.eq("member").fillna(False).to_numpy(dtype=int)
+        out: list[dict] = []
+        d = rows[rows.metric == "delta"]
+        delta = float(d.value.iloc[0]) if len(d) else 0.0
         theo = rows[rows.metric == "epsilon_theoretical"]
         if len(theo):
-            out.append((name, "epsilon_theoretical", float(theo.value.iloc[0]), np.nan, np.nan, None, len(s)))
+            out.append(dict(probe=name, metric="epsilon_theoretical", value=float(theo.value.iloc[0]), n=len(s),
+                            variant=_text(theo.variant.iloc[0]), scope="overall"))
         if len(s) == 0 or y.min() == y.max():
-            return pd.DataFrame(out, columns=METRIC_COLUMNS)
-        s_seed = seed_for(seed, name)
-        auc = _auc(s, y)
-        lo, hi = bootstrap_stat(len(s), lambda idx: _auc(s[idx], y[idx]), seed=s_seed, n_boot=self.n_boot)
-        out.append((name, "mia_auc", auc, lo, hi, None, len(s)))
+            return metrics_frame(out)
+        lo, hi = auc_interval(s, y, seed=seed_for(seed, name, "auc"), n_boot=self.n_boot)
+        out.append(dict(probe=name, metric="mia_auc", value=mia_auc(s, y), ci_low=lo, ci_high=hi, n=len(s),
+                        scope="overall"))
         tpr, tp, n_in = tpr_at_fpr(s, y, 0.01)
-        cp_lo, cp_hi = clopper_pearson(tp, n_in)
-        out.append((name, "tpr_at_1pct_fpr", tpr, cp_lo, cp_hi, None, len(s)))
+        lo, hi = clopper_pearson(tp, n_in)
+        out.append(dict(probe=name, metric="tpr_at_1pct_fpr", value=tpr, ci_low=lo, ci_high=hi, n=len(s),
+                        scope="overall"))
         eps, details = one_run_epsilon(s, y, delta=delta, beta=self.beta)
-        out.append((name, "epsilon_lower_bound", eps, np.nan, np.nan, None, len(s)))
-        for det in details:
-            out.append((name, "epsilon_lower_bound", det["epsilon"], np.nan, np.nan,
-                        f"k={det['k']} ({det['correct']}/{det['guesses']} correct)", len(s)))
-        out.append((name, "epsilon_lower_bound", clopper_pearson_epsilon(s, y, delta=delta, beta=self.beta),
-                    np.nan, np.nan, "clopper_pearson", len(s)))
-        out.append((name, "delta", delta, np.nan, np.nan, None, len(s)))
-        return pd.DataFrame(out, columns=METRIC_COLUMNS)
+        out.append(dict(probe=name, metric="epsilon_lower_bound", value=eps, n=len(s), variant="one_run",
+                        scope="overall"))
+        for f, det in zip(GUESS_FRACTIONS, details):
+            out.append(dict(probe=name, metric="epsilon_lower_bound", value=det["epsilon"], n=len(s),
+                            group=f"k={det['k']} ({det['correct']}/{det['guesses']} correct)",
+                            variant=f"one_run_{round(f * 100)}pct", scope="breakdown"))
+        out.append(dict(probe=name, metric="epsilon_lower_bound", n=len(s), group="clopper_pearson",
+                        value=clopper_pearson_epsilon(s, y, delta=delta, beta=self.beta),
+                        variant="clopper_pearson", scope="breakdown"))
+        out.append(dict(probe=name, metric="delta", value=delta, n=len(s), scope="overall",
+                        variant=_text(d.variant.iloc[0]) if len(d) and "variant" in d else None))
+        return metrics_frame(out)
 
     def findings(self, metrics: pd.DataFrame) -> list[dict]:
-        name = self.info.name
+        name = self.name
         m = metrics[metrics.group.isna()].set_index("metric").value if len(metrics) else pd.Series(dtype=float)
         found = []
         if "mia_auc" not in m:
-            found.append({"probe": name, "severity": "warning",
-                          "message": "no canaries with both member 'yes' and 'no' were found; nothing to audit"})
-            return found
+            return [finding(name, "warning",
+                            "no canaries with both member 'yes' and 'no' were found; nothing to audit")]
         eps_lb, eps_th = m.get("epsilon_lower_bound"), m.get("epsilon_theoretical")
+        confidence = f"{1 - self.beta:.0%}"
         if eps_th is not None and eps_lb is not None and eps_lb > eps_th + 1e-9:
-            found.append({"probe": name, "severity": "fail",
-                          "message": f"empirical ε lower bound {eps_lb:.3f} exceeds the accountant's ε {eps_th:.3f}: "
-                                     "the DP training does not deliver its guarantee"})
+            found.append(finding(name, "fail", f"empirical ε lower bound {eps_lb:.3f} exceeds the accountant's ε "
+                                               f"{eps_th:.3f}: with {confidence} confidence the DP training does not "
+                                               f"deliver its guarantee (false-alarm rate {self.beta:.0%})"))
         elif eps_lb is not None and eps_lb > 0:
-            found.append({"probe": name, "severity": "warning",
-                          "message": f"canary membership is detectable: with 95% confidence the training run is not "
-                                     f"({eps_lb:.2f}, δ)-DP (MIA AUC {m['mia_auc']:.3f})"})
+            found.append(finding(name, "warning", f"canary membership is detectable: with {confidence} confidence "
+                                                  f"the training run is not ({eps_lb:.2f}, δ)-DP (one-run audit, "
+                                                  f"false-alarm rate {self.beta:.0%}; MIA AUC {m['mia_auc']:.3f})"))
         return found
+
+
+def _text(v) -> str | None:
+    return None if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)) else str(v)
