@@ -16,7 +16,7 @@ __all__ = ["main", "build_parser", "COMMAND_MODULES"]
 
 # Modules that add sub-commands through `add_commands(subparsers)`; each parser they add
 # sets `handler=` (a function taking the parsed args and returning an exit code).
-COMMAND_MODULES: tuple[str, ...] = ("audit.run_cli", "audit.publish_cli", "defenses.cli")
+COMMAND_MODULES: tuple[str, ...] = ("audit.run_cli", "audit.data_cli", "audit.publish_cli", "defenses.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

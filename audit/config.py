@@ -22,7 +22,7 @@ class RunConfig(BaseModel):
 
     model: str | None = None
     endpoint: str | None = None
-    data: str | None = None
+    data: str | list[str] | None = None
     suite: Literal["quick", "standard", "full"] | None = None
     probes: list[str] | None = None
     out: str | None = None

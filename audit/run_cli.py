@@ -40,7 +40,10 @@ def add_commands(sub) -> None:
                                                       "through the local cache (white box)")
     src.add_argument("--endpoint", metavar="URL",
                      help="OpenAI-compatible server to audit as a black box (e.g. http://127.0.0.1:8000)")
-    r.add_argument("--data", metavar="DATA_DIR", help="dataset folder with manifest.jsonl (docs/format.md)")
+    r.add_argument("--data", metavar="SRC", nargs="+",
+                   help="dataset folder with manifest.jsonl (docs/format.md), or any source `mmaudit data import` "
+                        "reads (VLMEvalKit TSV, POPE JSON-lines files, a saved Hugging Face dataset or parquet, an "
+                        "image folder with a CSV): imported once into $MMAUDIT_CACHE and reused")
     which = r.add_mutually_exclusive_group()
     which.add_argument("--suite", choices=("quick", "standard", "full"),
                        help="named list of probes (see the README's probe table)")
@@ -166,7 +169,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     pre = []
     if dupes:
         _err(f"--probes names {', '.join(sorted(set(dupes)))} more than once; each runs once")
-    data = Dataset.load(opts["data"], on_error=opts["on_error"])
+    from audit.importers import resolve_data
+
+    sources = opts["data"] if isinstance(opts["data"], list) else [opts["data"]]
+    data = Dataset.load(resolve_data(sources, log=_err), on_error=opts["on_error"])
     for line, reason in data.skipped:
         _err(f"skipped {data.path / 'manifest.jsonl'} line {line}: {reason}")
     if len(data) == 0:
@@ -182,7 +188,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     parent = _parent_run_id(opts["parent"])
     from audit.paths import check_output
 
-    check_output(opts["out"], inputs=[("--data", data.path), ("--model", model if opts["model"] and Path(model).is_dir() else None),
+    check_output(opts["out"], inputs=[("--data", data.path), *(("--data", src) for src in sources),
+                                      ("--model", model if opts["model"] and Path(model).is_dir() else None),
                                       ("--parent", opts["parent"])])
     adapter, model_info = load_model(model, device=opts["device"], dtype=opts["dtype"], device_map=opts["device_map"],
                                      revision=opts["revision"], trust_remote_code=opts["trust_remote_code"],

@@ -670,3 +670,43 @@ def test_serve_warns_when_reachable_from_the_network(model_dir, monkeypatch, cap
     assert seen[-1]["limit_concurrency"] > 0
     serve(model_dir=str(model_dir), port=8000)
     assert "warning" not in capsys.readouterr().err and seen[-1]["host"] == "127.0.0.1"
+
+
+def test_one_command_audits_a_vlmevalkit_pope_tsv_on_an_endpoint(url, tmp_path, monkeypatch):
+    """`mmaudit run --data POPE.tsv --probes hallucination --endpoint URL` in one command:
+    the TSV is imported once into the cache (reused on the next run), then audited."""
+    import base64
+    import csv
+    import io
+    import json
+
+    from audit.cli import main
+
+    monkeypatch.setenv("MMAUDIT_CACHE", str(tmp_path / "cache"))
+
+    def b64(rgb):
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), rgb).save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    tsv = tmp_path / "POPE.tsv"
+    with open(tsv, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh, delimiter="\t", lineterminator="\n")
+        w.writerow(["index", "image", "question", "answer", "category"])
+        for i, (rgb, q, a, cat) in enumerate([((230, 40, 40), "is there a red circle in the image?", "yes", "random"),
+                                              ((40, 80, 225), "is there a red circle in the image?", "no", "random"),
+                                              ((40, 80, 225), "is there a blue square in the image?", "yes",
+                                               "popular"),
+                                              ((230, 40, 40), "is there a blue square in the image?", "no",
+                                               "popular")]):
+            w.writerow([str(i), b64(rgb), q, a.capitalize(), cat])
+    for k in range(2):
+        out = tmp_path / f"run{k}"
+        argv = ["run", "--endpoint", url, "--data", str(tsv), "--probes", "hallucination", "--out", str(out),
+                "--store", str(tmp_path / "s.duckdb")]
+        assert main(argv) == 0
+        s = json.loads((out / "summary.json").read_text())
+        groups = {m["group"] for m in s["metrics"] if m["metric"] == "pope_accuracy"}
+        assert groups == {None, "random", "popular"}
+        assert s["data"]["n"] == 4
+    assert len(list((tmp_path / "cache" / "data").iterdir())) == 1  # imported once, reused
