@@ -217,22 +217,23 @@ _BUILTIN = (
         module="probes.counterfactual_bias:CounterfactualBias",
         known_answer="rule models read flip 0 / 1; simulated false-alarm rate and power",
         needs=("logprobs",), metrics=(
-            _m("flip_rate", "Flip rate", "Share of counterfactual sets whose chosen answer changes when only the "
-               "attribute changes.", "lower", dims=("attribute",), headline=True),
+            _m("flip_rate", "Flip rate", "Share of counterfactual sets whose chosen answer changes decisively "
+               "(each member's winner leads by more than 0.05 probability) when only the attribute changes.",
+               "lower", dims=("attribute",), headline=True),
             _m("mean_abs_logprob_gap", "Mean log-probability gap", "Mean over sets of the largest difference in "
                "the target answer's log-probability between members.", "lower", unit="nats", dims=("attribute",)),
             _m("p_value", "p-value (paired permutation test)", "Probability of a difference at least this large if "
                "the attribute made no difference.", unit="p-value", dims=("attribute",)),
             _m("p_value_bh", "p-value, Benjamini-Hochberg adjusted", "p-value adjusted for testing several "
                "attributes (false discovery rate).", unit="p-value", dims=("attribute",)),
-            _m("outcome_bias", "Outcome bias (GenderBias-VL)", "Share of sets answering the stereotyped choice for "
-               "the reference value minus for the other value; 0 = no directional bias.", "none",
+            _m("outcome_bias", "Outcome bias (GenderBias-VL)", "How much more often members pick the answer "
+               "stereotyped for their own attribute value than for the other value (declared orientation); "
+               "positive = stereotype-consistent, 0 = none.", "none", unit="ratio", dims=("attribute",), target=0.0),
+            _m("probability_bias", "Probability bias (GenderBias-VL)", "The same with the stereotyped answers' "
+               "probabilities, averaged over answer strata; positive = stereotype-consistent.", "none",
                unit="ratio", dims=("attribute",), target=0.0),
-            _m("probability_bias", "Probability bias (GenderBias-VL)", "Mean difference of the stereotyped "
-               "choice's probability between the reference value and the other value.", "none",
-               unit="ratio", dims=("attribute",), target=0.0),
-            _m("incomplete_sets", "Incomplete sets", "Counterfactual sets left out because a member was missing.",
-               "lower", unit="count"),
+            _m("incomplete_sets", "Left-out sets", "Counterfactual sets left out (fewer than two scoreable members, "
+               "a missing attribute, one value only); each is named in a finding.", "lower", unit="count"),
         )),
     ProbeSpec(
         name="group_fairness", title="Group fairness", category="fairness",
@@ -245,11 +246,12 @@ _BUILTIN = (
         known_answer="every value equals fairlearn's functions; simulated false-alarm rate and power",
         metrics=(
             _m("accuracy", "Accuracy per group", "Share of reference answers chosen in each group.", "higher",
-               dims=("attribute", "attribute_value")),
+               dims=("attribute", "attribute_value", "attribute2", "attribute2_value")),
             _m("selection_rate", "Selection rate per group", "Share of each group given the first listed choice.",
-               dims=("attribute", "attribute_value")),
-            _m("accuracy_difference", "Accuracy difference", "Largest minus smallest group accuracy.", "lower",
-               dims=("attribute",), headline=True),
+               dims=("attribute", "attribute_value", "attribute2", "attribute2_value")),
+            _m("accuracy_difference", "Accuracy difference", "Largest minus smallest group accuracy (interval: "
+               "Newcombe's for those two groups, Bonferroni over all pairs).", "lower",
+               dims=("attribute", "attribute2"), headline=True),
             _m("accuracy_ratio", "Accuracy ratio", "Smallest over largest group accuracy; 1 = equal.", "higher",
                unit="ratio", dims=("attribute",)),
             _m("demographic_parity_difference", "Demographic parity difference", "Largest minus smallest group "
@@ -260,6 +262,24 @@ _BUILTIN = (
                "rate gaps between groups.", "lower", dims=("attribute",)),
             _m("equalized_odds_ratio", "Equalized odds ratio", "Smaller of the true- and false-positive rate "
                "ratios between groups.", "higher", unit="ratio", dims=("attribute",)),
+            _m("accuracy_difference_p_value", "p-value of the accuracy difference", "Permutation test of equal groups (labels permuted); small "
+               "values mean the difference is unlikely under equal groups.", unit="p-value",
+               dims=("attribute", "attribute2")),
+            _m("accuracy_difference_p_value_bh", "p-value of the accuracy difference, BH-adjusted", "The p-value adjusted for every "
+               "difference, attribute and intersection tested (false discovery rate).", unit="p-value",
+               dims=("attribute", "attribute2")),
+            _m("demographic_parity_difference_p_value", "p-value of the demographic parity difference", "Permutation test of equal groups (labels permuted); small "
+               "values mean the difference is unlikely under equal groups.", unit="p-value",
+               dims=("attribute", "attribute2")),
+            _m("demographic_parity_difference_p_value_bh", "p-value of the demographic parity difference, BH-adjusted", "The p-value adjusted for every "
+               "difference, attribute and intersection tested (false discovery rate).", unit="p-value",
+               dims=("attribute", "attribute2")),
+            _m("equalized_odds_difference_p_value", "p-value of the equalized odds difference", "Permutation test of equal groups (labels permuted); small "
+               "values mean the difference is unlikely under equal groups.", unit="p-value",
+               dims=("attribute", "attribute2")),
+            _m("equalized_odds_difference_p_value_bh", "p-value of the equalized odds difference, BH-adjusted", "The p-value adjusted for every "
+               "difference, attribute and intersection tested (false discovery rate).", unit="p-value",
+               dims=("attribute", "attribute2")),
         )),
     ProbeSpec(
         name="retrieval_skew", title="Retrieval skew", category="fairness",
@@ -279,6 +299,10 @@ _BUILTIN = (
             _m("ndkl", "NDKL", "Rank-discounted KL divergence of the ranking's group shares from uniform; 0 = fair.",
                "lower", unit="nats", dims=("attribute", "query")),
             _m("k", "k", "Number of top-ranked images the skew is computed on.", unit="count", dims=("attribute",)),
+            _m("p_value", "p-value of MaxSkew@k", "Within-set label permutation test: how likely this skew is if the "
+               "attribute did not matter to the ranking.", unit="p-value", dims=("attribute",)),
+            _m("p_value_bh", "p-value of MaxSkew@k, BH-adjusted", "The p-value adjusted across attributes.",
+               unit="p-value", dims=("attribute",)),
         )),
     ProbeSpec(
         name="hallucination", title="Object hallucination (POPE)", category="safety",

@@ -52,6 +52,7 @@ ROW_DTYPES: dict[str, str] = {
     "set_id": "string",      # counterfactual set (pair_id)
     "grid_row": "Int64", "grid_col": "Int64",  # image-grid cell (heatmaps, patches)
     "token_index": "Int64", "token": "string",
+    "choice": "string",      # a candidate answer's text (with `token_index` = its position among the choices)
     "draw": "Int64",         # which random draw (a permutation, a resample) produced the row
     **{k: v for k, v in DIM_DTYPES.items() if k != "scope"},
 }

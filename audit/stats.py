@@ -22,6 +22,7 @@
 """
 from __future__ import annotations
 
+import functools
 import warnings
 import zlib
 from collections.abc import Callable
@@ -49,7 +50,13 @@ def proportion_ci(k: int, n: int, *, level: float = LEVEL, method: str = "wilson
     """Interval for a binomial proportion k/n ("wilson" or "exact" = Clopper-Pearson)."""
     if n <= 0:
         return NAN2
-    ci = stats.binomtest(int(k), int(n)).proportion_ci(confidence_level=level, method=method)
+    return _proportion_ci(int(k), int(n), float(level), method)
+
+
+@functools.lru_cache(maxsize=65536)
+def _proportion_ci(k: int, n: int, level: float, method: str) -> tuple[float, float]:
+    # binomtest builds a full result object (~5 ms); fairness summaries ask for the same k/n often
+    ci = stats.binomtest(k, n).proportion_ci(confidence_level=level, method=method)
     return (float(ci.low), float(ci.high))
 
 
@@ -171,6 +178,8 @@ def group_difference_test(values, groups, *, n_perm: int = N_RESAMPLES, seed: in
     samples = tuple(v[g == k] for k in keys)
     if len(samples) < 2 or any(s.size == 0 for s in samples):
         return float("nan")
+    if any(s.size < 2 for s in samples):  # scipy wants two per group; permute the labels here instead
+        return _label_permutation_test(v, np.unique(g, return_inverse=True)[1], n_perm=n_perm, seed=seed)
     if np.all(v == v[0]):
         return 1.0
 
@@ -182,6 +191,24 @@ def group_difference_test(values, groups, *, n_perm: int = N_RESAMPLES, seed: in
                                  n_resamples=n_perm, alternative="greater", axis=-1,
                                  random_state=np.random.default_rng(seed))
     return float(res.pvalue)
+
+
+def _label_permutation_test(v: np.ndarray, codes: np.ndarray, *, n_perm: int, seed: int) -> float:
+    """Monte Carlo permutation of group labels, statistic max - min of the group means."""
+    k = int(codes.max()) + 1
+    counts = np.bincount(codes, minlength=k)
+
+    def spread(c):  # c: (..., n) label codes
+        sums = np.stack([np.where(c == j, v, 0.0).sum(-1) for j in range(k)])
+        means = sums / counts[:, None] if sums.ndim == 2 else sums / counts
+        return means.max(0) - means.min(0)
+
+    observed = float(spread(codes))
+    rng = np.random.default_rng(seed)
+    perms = np.argsort(rng.random((n_perm, v.size)), axis=1)
+    stats_ = spread(codes[perms])
+    hits = int(np.sum(stats_ >= observed - 1e-12 * max(1.0, abs(observed))))
+    return (hits + 1) / (n_perm + 1)
 
 
 def benjamini_hochberg(pvalues) -> np.ndarray:

@@ -32,24 +32,28 @@ from probes.base import get_probe  # noqa: E402
 
 
 def set_rows(model: str, data: str, attribute: str) -> pd.DataFrame:
+    from audit.runner import unit_seed
+
     probe = get_probe("counterfactual_bias")
-    ds = probe.select(Dataset.load(data).audit_split())
-    rows = probe.run(load_adapter(model), ds, seed=0)
-    return rows[rows.group == attribute]
+    adapter = load_adapter(model)
+    plan = probe.plan(adapter, Dataset.load(data).audit_split())
+    rows = pd.concat([probe.run(adapter, u, seed=unit_seed(0, probe.name, u.index)) for u in plan.units],
+                     ignore_index=True)
+    return rows[rows.attribute == attribute]
 
 
 def rejection_rate(rows: pd.DataFrame, *, replicates: int, n_sets: int, alpha: float, seed: int) -> dict:
     probe = get_probe("counterfactual_bias")
-    sites = np.array(sorted(rows.site.dropna().unique()))
+    sites = np.array(sorted(rows.set_id.dropna().unique()))
     rng = np.random.default_rng(seed)
     pvals, flips, flagged = [], [], []
     for r in range(replicates):
         pick = rng.choice(sites, size=n_sets, replace=True)
-        parts = [rows[rows.site == s].assign(site=f"{s}#{k}") for k, s in enumerate(pick)]
+        parts = [rows[rows.set_id == s].assign(set_id=f"{s}#{k}") for k, s in enumerate(pick)]
         m = probe.summarize(pd.concat(parts, ignore_index=True), seed=seed + r)
         pvals.append(float(m[m.metric == "p_value"].value.iloc[0]))
         flips.append(float(m[m.metric == "flip_rate"].value.iloc[0]))
-        flagged.append(any(f["severity"] in ("warning", "fail") and "depend" in f["message"] for f in probe.findings(m)))
+        flagged.append(any(f["severity"] in ("warning", "fail") for f in probe.findings(m)))
     p = np.array(pvals)
     return {"replicates": replicates, "sets_per_replicate": n_sets, "alpha": alpha,
             "rejection_rate": float((p < alpha).mean()), "flag_rate": float(np.mean(flagged)), "median_p": float(np.median(p)),
