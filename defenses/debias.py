@@ -4,12 +4,13 @@ Methods:
   cda       counterfactual data augmentation: every training example that has a counterfactual
             twin (below) is trained on together with its twin, which keeps the answer; the
             planted attribute→answer correlation disappears from the training distribution.
-            Loss: `reference_models.train._generative_loss` / `_dual_loss` on the mixed batches.
+            Loss: reference training's `audit.training.batch_loss` on the mixed batches.
   clp       counterfactual logit pairing (Garg et al. 2019, "Counterfactual Fairness in Text
             Classification through Robustness", AIES): the task loss on the original examples
             plus λ · mean |z(x) − z(x')| over the closed choices, where z are the answer scores
-            the audit uses (log-probability of each choice for a generative model, image–text
-            logit for a dual encoder) and x' the twin of x. Twins are never trained on directly.
+            the audit uses (`audit.training.choice_scores`: log-probability of each choice for a
+            generative model, image–text logit for a dual encoder) and x' the twin of x. Twins
+            are never trained on directly. Both take one `audit.training.train_step` per batch.
   residual  dual encoders only (after DeAR, Seth et al. 2023, "DeAR: Debiasing Vision-Language
             Models with Additive Residuals", CVPR): an additive residual on the image embedding,
             f' = f + W f, that leaves the group unpredictable from f' while keeping f' close to
@@ -20,7 +21,8 @@ Methods:
             on the normalised embeddings of the training images, its direction is removed,
             W = −B Bᵀ for the orthonormal basis B of removed directions, until the adversary's
             3-fold cross-validated accuracy is within 5 points of the majority rate (at most 16
-            directions). Removing few directions keeps f' close to f by construction.
+            directions). Removing few directions keeps f' close to f by construction. Needs
+            scikit-learn (the `fairness` extra).
             DeAR-style adversarial SGD on W was tried first: on the tiny CLIP the adversary
             kept 99 % accuracy after 300 min-max steps. No utility term is optimised, so the
             closed-choice accuracy can drop (measured and recorded).
@@ -38,8 +40,9 @@ Counterfactual twins (x → x'), in this order:
   3. text: other prompts holding a gendered term (probes/terms/gender.yaml) get the other term.
 
 Fairness is measured before and after with the `counterfactual_bias` probe on the test split
-(flip rate per attribute) and `reference_models.evaluate` (group counterfactual flip rate,
-stereotyped answers where the occupation cue is hidden); utility is the test accuracy.
+(flip rate per attribute; planned, run and summarised as an audit run does) and
+`reference_models.evaluate` (group counterfactual flip rate, stereotyped answers where the
+occupation cue is hidden); utility is the test accuracy.
 fairlearn post-processing (ThresholdOptimizer / ExponentiatedGradient) on embedding decision
 heads is not offered: the audited models answer closed questions directly, with no separate
 decision head to post-process.
@@ -56,16 +59,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from audit.adapters.base import Query
 from audit.dataset import Dataset, Example, FrozenAttributes
 from audit.errors import InputError, UnsupportedError
+from audit.training import batch_loss, choice_scores, train_step
 from defenses.record import (
     check_out,
     deltas,
     environment,
+    source,
     utility_summary,
     write_model_dir,
 )
+from reference_models.evaluate import training_text
 
 __all__ = [
     "ERR_NO_TWINS",
@@ -83,6 +88,7 @@ ERR_RESIDUAL_KIND = "the residual method applies to dual encoders (CLIP-like); t
 ERR_NO_TWINS = ("no counterfactual twins could be built from the training split (no synthetic person scenes, "
                 "manifest sets or prompts with gendered terms)")
 ERR_NO_GROUPS = "the residual method needs training images with at least two values of attribute {attr!r}"
+ERR_SKLEARN = "the residual method needs scikit-learn: pip install 'mmaudit[fairness]'"
 
 
 @dataclass(frozen=True)
@@ -117,7 +123,7 @@ class Twin:
 
 
 class _TwinData:
-    """`Dataset.image` for originals and twins: what the train.py losses read (`data.image(e)`)."""
+    """`Dataset.image` for originals and twins: what the audit.training losses read (`data.image(e)`)."""
 
     def __init__(self, data: Dataset, images: dict[str, Image.Image]) -> None:
         self.data, self.images, self.path = data, images, data.path
@@ -236,14 +242,20 @@ def build_twins(data: Dataset, examples: list[Example]) -> tuple[list[Twin], dic
 
 # ---------------------------------------------------------------------------- measurement
 def fairness_summary(adapter, data: Dataset, *, seed: int = 0) -> dict:
-    """Flip rate and mean |log-prob gap| per attribute (counterfactual_bias on the test split)."""
-    from probes.counterfactual_bias import CounterfactualBias
+    """Flip rate and mean |log-prob gap| per attribute (counterfactual_bias on the test split),
+    keyed by the metric rows' `group` label; unit seeds as an audit run derives them."""
+    import pandas as pd
 
-    probe = CounterfactualBias(n_perm=200, n_boot=50)
-    subset = probe.select(data.audit_split())
-    if len(subset) == 0:
+    from audit.runner import unit_seed
+    from probes.base import get_probe
+
+    probe = get_probe("counterfactual_bias", n_perm=200, n_boot=50)
+    plan = probe.plan(adapter, data.audit_split())
+    if not plan.units:
         return {}
-    metrics = probe.summarize(probe.run(adapter, subset, seed=seed), seed=seed)
+    rows = pd.concat([probe.run(adapter, u, seed=unit_seed(seed, probe.name, u.index)) for u in plan.units],
+                     ignore_index=True)
+    metrics = probe.summarize(rows, seed=seed)
     out: dict[str, dict] = {}
     for metric in ("flip_rate", "mean_abs_logprob_gap"):
         part = metrics[metrics.metric == metric]
@@ -251,29 +263,9 @@ def fairness_summary(adapter, data: Dataset, *, seed: int = 0) -> dict:
     return out
 
 
-def _choice_scores(adapter, data, batch: list[Example]) -> list[torch.Tensor]:
-    """Differentiable closed-choice scores, one vector per example — the numbers the audit compares."""
-    sizes = [len(e.choices) for e in batch]
-    if adapter.capabilities.kind == "generative":
-        rows = [(e, c) for e in batch for c in e.choices]
-        conts = [adapter.continuation_ids(c) for _, c in rows]
-        enc = adapter.encode([Query(e.prompt, data.image(e), e.choices) for e, _ in rows], conts)
-        logits = adapter.model(**enc.inputs, use_cache=False).logits
-        return list(torch.split(adapter.continuation_logprobs(logits, enc), sizes))
-    from audit.adapters.dual import candidate_text
-
-    img = adapter.image_embeddings([data.image(e) for e in batch])
-    texts = sorted({candidate_text(e.prompt, c) for e in batch for c in e.choices})
-    sims = adapter.similarity(img, adapter.text_embeddings(texts))
-    return [sims[r, [texts.index(candidate_text(e.prompt, c)) for c in e.choices]] for r, e in enumerate(batch)]
-
-
 # ---------------------------------------------------------------------------- training
 def _finetune(adapter, data: Dataset, train: list[Example], twins: list[Twin], config: DebiasConfig,
               lr: float, log) -> list[dict]:
-    from reference_models.train import _dual_loss, _generative_loss
-
-    loss_fn = _generative_loss if adapter.capabilities.kind == "generative" else _dual_loss
     view = _TwinData(data, {t.twin.id: t.image for t in twins if t.image is not None})
     twins_of: dict[str, list[Example]] = {}
     for t in twins:
@@ -294,20 +286,22 @@ def _finetune(adapter, data: Dataset, train: list[Example], twins: list[Twin], c
         total, clp_total, n_steps = 0.0, 0.0, 0
         for s in range(0, len(pool), config.batch_size):
             batch = [pool[i] for i in order[s:s + config.batch_size]]
-            loss = loss_fn(adapter, view, batch)
-            if config.method == "clp":
-                pairs = [(e, t) for e in batch for t in twins_of.get(e.id, ())]
+            pairs = [(e, t) for e in batch for t in twins_of.get(e.id, ())] if config.method == "clp" else []
+            clp: list[float] = []
+
+            def loss_of(batch=batch, pairs=pairs, clp=clp):
+                loss = batch_loss(adapter, view, batch, text_of=training_text)
                 if pairs:
-                    z = _choice_scores(adapter, view, [e for e, _ in pairs])
-                    z_cf = _choice_scores(adapter, view, [t for _, t in pairs])
-                    clp = torch.stack([(a - b).abs().mean() for a, b in zip(z, z_cf)]).mean()
-                    loss = loss + config.clp_weight * clp
-                    clp_total += float(clp.detach())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+                    z = choice_scores(adapter, view, [e for e, _ in pairs])
+                    z_cf = choice_scores(adapter, view, [t for _, t in pairs])
+                    gap = torch.stack([(a - b).abs().mean() for a, b in zip(z, z_cf)]).mean()
+                    clp.append(float(gap.detach()))
+                    loss = loss + config.clp_weight * gap
+                return loss
+
+            (loss,) = train_step(opt, loss_of, max_grad_norm=1.0)
             total += float(loss.detach())
+            clp_total += sum(clp)
             n_steps += 1
         history.append({"epoch": epoch + 1, "loss": total / max(n_steps, 1),
                         **({"clp": clp_total / max(n_steps, 1)} if config.method == "clp" else {})})
@@ -316,18 +310,25 @@ def _finetune(adapter, data: Dataset, train: list[Example], twins: list[Twin], c
     return history
 
 
+def _sklearn():
+    """(LogisticRegression, cross_val_score), imported only for the residual method."""
+    try:
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.model_selection import cross_val_score
+    except ImportError as exc:
+        raise UnsupportedError(ERR_SKLEARN, where="--method residual") from exc
+    return LogisticRegression, cross_val_score
+
+
 def _residual(adapter, data: Dataset, train: list[Example], config: DebiasConfig, log) -> list[dict]:
     """Additive linear residual on the image embedding, fitted by iterative nullspace
     projection, folded into the visual projection (see the module docstring)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import cross_val_score
+    LogisticRegression, cross_val_score = _sklearn()
 
-    from audit.adapters.dual import _features
-
-    model = adapter.model
-    proj = getattr(model, "visual_projection", None)
+    proj = adapter.site_module("projector")  # folded into: f' = (I + W) P x
     if not isinstance(proj, torch.nn.Linear) or proj.bias is not None:
-        raise UnsupportedError("the residual method needs a bias-free linear visual_projection", where="defend debias")
+        raise UnsupportedError("the residual method needs a bias-free linear projector (visual_projection)",
+                               where="defend debias")
     attr = config.attribute
     people = [e for e in train if e.image and e.attributes.get(attr) is not None]
     groups = sorted({str(e.attributes[attr]) for e in people})
@@ -336,10 +337,9 @@ def _residual(adapter, data: Dataset, train: list[Example], config: DebiasConfig
     feats = []
     with torch.no_grad():
         for s in range(0, len(people), 64):
-            px = adapter.processor(images=[data.image(e) for e in people[s:s + 64]], return_tensors="pt")
-            feats.append(_features(model.get_image_features(pixel_values=px["pixel_values"].to(adapter.device))))
+            feats.append(adapter.image_embeddings([data.image(e) for e in people[s:s + 64]]))
     X = torch.cat(feats).double().cpu().numpy()
-    X = X / np.linalg.norm(X, axis=1, keepdims=True)
+    X = X / np.linalg.norm(X, axis=1, keepdims=True)  # unit length again in float64
     y = np.array([groups.index(str(e.attributes[attr])) for e in people])
     majority = float(np.bincount(y).max() / len(y))
     dim = X.shape[1]
@@ -367,12 +367,14 @@ def _residual(adapter, data: Dataset, train: list[Example], config: DebiasConfig
 
 
 def debias(*, model_dir, data_dir, out_dir, config: DebiasConfig, device: str = "cpu", overwrite: bool = False,
-           log=None) -> dict:
-    """Apply one debiasing method, write MODEL_DIR2 with its record and return the record."""
+           log=None, adapter_factory=None) -> dict:
+    """Apply one debiasing method, write MODEL_DIR2 with its record and return the record.
+    `adapter_factory(model_dir, device=...)` opens the model (default `audit.adapters.load_adapter`)."""
     from audit.adapters import load_adapter
-    from audit.runner import model_fingerprint
 
     config.check()
+    if config.method == "residual":
+        _sklearn()  # fail before any work when the extra is missing
     log = log or (lambda msg: None)
     if str(model_dir).startswith(("http://", "https://")):
         raise InputError("debiasing needs the model's weights; an endpoint cannot be fine-tuned", where="--model")
@@ -382,7 +384,7 @@ def debias(*, model_dir, data_dir, out_dir, config: DebiasConfig, device: str = 
     if not train:
         raise InputError("no training examples with an answer (split 'train')", where=str(data.path / "manifest.jsonl"))
     torch.manual_seed(config.seed)
-    adapter = load_adapter(model_dir, device=device)
+    adapter = (adapter_factory or load_adapter)(model_dir, device=device)
     kind = adapter.capabilities.kind
     if config.method == "residual" and kind != "dual_encoder":
         raise InputError(ERR_RESIDUAL_KIND, where="--method")
@@ -395,8 +397,7 @@ def debias(*, model_dir, data_dir, out_dir, config: DebiasConfig, device: str = 
     twins, counts = [], {}
     t0 = time.perf_counter()
     if config.method == "residual":
-        model = adapter.model
-        model.requires_grad_(False)
+        adapter.model.requires_grad_(False)
         history = _residual(adapter, data, train, config, log)
     else:
         twins, counts = build_twins(data, train)
@@ -413,8 +414,7 @@ def debias(*, model_dir, data_dir, out_dir, config: DebiasConfig, device: str = 
     log(f"after: accuracy {after['utility']['accuracy']:.3f}, flip rate {after['fairness'].get('flip_rate')}")
     record = {
         "method": f"debias:{config.method}",
-        "source": {"model": str(Path(model_dir).absolute()), "model_sha256": model_fingerprint(str(model_dir)),
-                   "data": str(data.path), "data_sha256": data.sha256},
+        "source": source(model_dir, data),
         "parameters": asdict(replace(config, lr=lr)),
         "privacy": None,
         "training": {"seconds": round(seconds, 2), "history": history, "n_train": len(train),

@@ -2,13 +2,16 @@
 
 What it does, in order:
 
-1. Loads MODEL_DIR through `audit.adapters.load_adapter` (so any supported family works) and
+1. Loads MODEL_DIR through `audit.adapters.load_adapter` (so any supported family works; the
+   `adapter_factory` argument replaces it, e.g. to check in tests that only declared adapter
+   members are used) and
    the training split of DATA_DIR (every example with an answer, canaries included: they are
    the records the privacy audit later looks for). N = number of those records; δ defaults to
    1/(10 N) and must stay below 1/N.
-2. Chooses what trains. `lora` (default): peft LoRA on q/v of the *language model's*
-   self-attention (generative; the regex names the language layers so the CLIP tower is not
-   caught) or of the vision tower (dual encoders), attached after the model is on its device
+2. Chooses what trains. `lora` (default): peft LoRA on the q/v projections of the attention
+   module at each canonical site `language.blocks.{i}.attn` (generative: the language model
+   only, so the vision tower is not caught) or inside each `vision.blocks.{i}` (dual
+   encoders), named through `adapter.module_name`, attached after the model is on its device
    (Opacus issue #820). `full`: every parameter of the supported modules.
    Dual encoders train the image side only: the text tower is frozen, because the scored
    candidate texts of one batch would otherwise make one example's loss depend on the other
@@ -22,9 +25,11 @@ What it does, in order:
 4. Trains with `PrivacyEngine.make_private_with_epsilon(..., grad_sample_mode="ghost")`:
    Poisson sampling, noise calibrated by the chosen accountant (rdp or prv) so that the whole
    run spends at most the target ε at δ, logical batches split by `BatchMemoryManager`. The
-   loss is the answer tokens' cross-entropy through the criterion Opacus returns, called with
-   `shape=(B, T)`, so the privacy unit is one example (one sequence). An empty Poisson batch
-   still takes a noise-only step (skipping it would leak that the batch was empty).
+   loss is one value per example (`audit.training.example_losses`: the mean answer-token NLL
+   of a generative model, the closed-choice cross-entropy of a dual encoder) fed through the
+   per-sample criterion Opacus wraps, so the privacy unit is one example (one sequence). Each
+   physical batch is one `audit.training.train_step`. An empty Poisson batch still takes a
+   noise-only step (skipping it would leak that the batch was empty).
    `grad_sample_mode="hooks"` (option) uses Opacus' classic per-sample gradients instead: one
    backward pass, gradients materialised per example — cheaper than ghost clipping's two
    passes when few parameters train (LoRA on a small model; bench/dp_step.py measures both).
@@ -42,7 +47,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -55,13 +59,16 @@ from PIL import Image
 from audit.adapters.base import Query
 from audit.dataset import Dataset
 from audit.errors import InputError, UnsupportedError
+from audit.training import example_losses, train_step
 from defenses.record import (
     check_out,
     deltas,
     environment,
+    source,
     utility_summary,
     write_model_dir,
 )
+from reference_models.evaluate import training_text
 
 __all__ = [
     "ACCOUNTANTS",
@@ -71,7 +78,9 @@ __all__ = [
     "GRAD_SAMPLE_MODES",
     "MODES",
     "DPConfig",
+    "PerSampleCriterion",
     "dp_finetune",
+    "lora_targets",
     "prepare_noise_only_step",
     "prepare_trainable",
     "structural_freeze",
@@ -127,10 +136,26 @@ class DPConfig:
 
 
 # ---------------------------------------------------------------------------- what trains
-def _lora_target(adapter) -> str:
+def _attention_modules(adapter) -> list[str]:
     if adapter.capabilities.kind == "generative":
-        return rf"{re.escape(adapter.sites.language_layers)}\.\d+\.self_attn\.(q_proj|v_proj)"
-    return r"(.*\.)?vision_model\.encoder\.layers\.\d+\.self_attn\.(q_proj|v_proj)"
+        return [adapter.module_name(f"language.blocks.{i}.attn") for i in range(adapter.n_layers)]
+    # A dual encoder declares no layer count: its vision blocks run until a site is missing.
+    names = []
+    while True:
+        try:
+            block = adapter.module_name(f"vision.blocks.{len(names)}")
+        except UnsupportedError:
+            return names
+        names.append(f"{block}.self_attn")  # CLIP-style encoder layers hold their attention here
+
+
+def lora_targets(adapter) -> list[str]:
+    """Dotted names of the q/v projections LoRA adapts: the children `q_proj` / `v_proj` of the
+    attention module at each canonical site (the language model's `language.blocks.{i}.attn`,
+    or inside a dual encoder's `vision.blocks.{i}`), named through `adapter.module_name`."""
+    present = {name for name, _ in adapter.model.named_modules()}
+    return [f"{attn}.{proj}" for attn in _attention_modules(adapter) for proj in ("q_proj", "v_proj")
+            if f"{attn}.{proj}" in present]
 
 
 def _image_side(model) -> list[torch.nn.Module]:
@@ -154,7 +179,7 @@ def prepare_trainable(adapter, *, mode: str, lora_r: int = 8, lora_alpha: int = 
     from peft import LoraConfig, get_peft_model
 
     model.to(adapter.device)  # before get_peft_model (Opacus issue #820)
-    cfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=_lora_target(adapter))
+    cfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=lora_targets(adapter))
     try:
         peft_model = get_peft_model(model, cfg)
     except ValueError as exc:
@@ -163,7 +188,7 @@ def prepare_trainable(adapter, *, mode: str, lora_r: int = 8, lora_alpha: int = 
     return peft_model
 
 
-def _dummy_loss(adapter, model) -> torch.Tensor:
+def _dummy_loss(adapter) -> torch.Tensor:
     """A data-independent batch of two (noise images, a one-word prompt): which parameters the
     forward pass uses and which modules see the batch dimension do not depend on the data."""
     rng = np.random.default_rng(0)
@@ -172,7 +197,7 @@ def _dummy_loss(adapter, model) -> torch.Tensor:
         eos = adapter.tokenizer.eos_token_id
         word = adapter.tokenizer.convert_ids_to_tokens(int(eos))
         enc = adapter.encode([Query("a", im, (word,)) for im in imgs], [[eos], [eos]])
-        return model(**enc.inputs, use_cache=False).logits.float().logsumexp(-1).mean()
+        return adapter.forward(enc).logits.float().logsumexp(-1).mean()
     return adapter.image_embeddings(imgs).sum()
 
 
@@ -183,8 +208,10 @@ def _first_tensor(args, kwargs):
     return None
 
 
-def structural_freeze(adapter, model) -> list[dict]:
-    """Freeze what Opacus cannot privatise; return one {"parameter", "reason"} per frozen tensor."""
+def structural_freeze(adapter) -> list[dict]:
+    """Freeze what Opacus cannot privatise in `adapter.model` (the model that trains, LoRA-wrapped
+    or not); return one {"parameter", "reason"} per frozen tensor."""
+    model = adapter.model
     frozen: list[dict] = []
 
     def freeze(name: str, p: torch.nn.Parameter, reason: str) -> None:
@@ -220,7 +247,7 @@ def structural_freeze(adapter, model) -> list[dict]:
     try:
         for p in model.parameters():
             p.grad = None
-        _dummy_loss(adapter, model).backward()
+        _dummy_loss(adapter).backward()
     finally:
         for h in handles:
             h.remove()
@@ -245,50 +272,10 @@ def _validator_errors(model) -> list[str]:
     return [" ".join(str(e).split()) for e in ModuleValidator.validate(model, strict=False)]
 
 
-# ---------------------------------------------------------------------------- losses
-def _token_batch(adapter, data, batch, model) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (B, T, V) and targets (B, T): the answer tokens + EOS, -100 elsewhere — the same
-    continuation `reference_models.train._generative_loss` scores, kept per example."""
-    from reference_models.train import _queries
-
-    eos = adapter.tokenizer.eos_token_id
-    conts = [adapter.continuation_ids(e.answer) + [eos] for e in batch]
-    enc = adapter.encode(_queries(data, batch), conts)
-    logits = model(**enc.inputs, use_cache=False).logits
-    targets = torch.full(logits.shape[:2], -100, dtype=torch.long, device=logits.device)
-    for r, (n, c) in enumerate(zip(enc.context_lengths, enc.continuations)):
-        targets[r, n - 1:n - 1 + len(c)] = torch.tensor(c, device=logits.device)
-    return logits.float(), targets
-
-
-def dual_per_sample_loss(adapter, data, batch) -> torch.Tensor:
-    """One loss per example that depends on that example alone (text tower frozen):
-    cross-entropy over its own closed choices (how the audit scores a dual encoder), or, for
-    an example without choices, 1 − cos(image, its own text)."""
-    from audit.adapters.dual import candidate_text
-    from reference_models.evaluate import scene_caption
-
-    img = adapter.image_embeddings([data.image(e) for e in batch])
-    texts = sorted({candidate_text(e.prompt, c) for e in batch for c in (e.choices or ())}
-                   | {scene_caption(e.attributes) or candidate_text(e.prompt, e.answer) for e in batch if not e.choices})
-    with torch.no_grad():
-        txt = adapter.text_embeddings(texts)
-    index = {t: i for i, t in enumerate(texts)}
-    sims = adapter.similarity(img, txt)
-    out = []
-    for r, e in enumerate(batch):
-        if e.choices:
-            cols = [index[candidate_text(e.prompt, c)] for c in e.choices]
-            tgt = torch.tensor([e.choices.index(e.answer)], device=sims.device)
-            out.append(torch.nn.functional.cross_entropy(sims[r, cols][None].float(), tgt))
-        else:
-            own = index[scene_caption(e.attributes) or candidate_text(e.prompt, e.answer)]
-            out.append(1 - (img[r] * txt[own]).sum())
-    return torch.stack(out)
-
-
-class _PerSampleLoss:
-    """A 'criterion' for Opacus ghost clipping whose input already is the per-example loss."""
+class PerSampleCriterion:
+    """The criterion Opacus wraps for ghost clipping, fed the per-example losses themselves
+    (`audit.training.example_losses`): with reduction "none" it returns them unchanged, so
+    Opacus clips one example (one sequence) at a time."""
 
     reduction = "mean"
 
@@ -296,13 +283,6 @@ class _PerSampleLoss:
         if self.reduction == "none":
             return losses
         return losses.mean() if self.reduction == "mean" else losses.sum()
-
-
-def _per_example_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    B, T, V = logits.shape
-    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-100,
-                                           reduction="none").view(B, T)
-    return ce.sum(1) / (targets != -100).sum(1).clamp(min=1)
 
 
 # ---------------------------------------------------------------------------- training
@@ -336,13 +316,13 @@ def _clean_parameters(model) -> None:
 
 
 def dp_finetune(*, model_dir, data_dir, out_dir, config: DPConfig, device: str = "cpu", overwrite: bool = False,
-                progress: bool = False, log=None) -> dict:
+                progress: bool = False, log=None, adapter_factory=None) -> dict:
     """Fine-tune with DP-SGD (or, with `config.private=False`, the same way without it), write
-    MODEL_DIR2 and return its defense record."""
+    MODEL_DIR2 and return its defense record. `adapter_factory(model_dir, device=...)` opens
+    the model (default `audit.adapters.load_adapter`)."""
     from torch.utils.data import DataLoader, TensorDataset
 
     from audit.adapters import load_adapter
-    from audit.runner import model_fingerprint
 
     config.check()
     log = log or (lambda msg: None)
@@ -362,16 +342,16 @@ def dp_finetune(*, model_dir, data_dir, out_dir, config: DPConfig, device: str =
     lr = config.lr if config.lr is not None else DEFAULT_LR[config.mode]
 
     torch.manual_seed(config.seed)
-    adapter = load_adapter(model_dir, device=device)
-    kind = adapter.capabilities.kind
+    adapter = (adapter_factory or load_adapter)(model_dir, device=device)
     before = utility_summary(adapter, data)
     log(f"utility before: accuracy {before['accuracy']:.3f} on {before['n_test']} test examples")
 
+    lora_targets_used = lora_targets(adapter) if config.mode == "lora" else None
     model = prepare_trainable(adapter, mode=config.mode, lora_r=config.lora_r, lora_alpha=config.lora_alpha)
     adapter.model = model  # the adapter encodes; `model` (LoRA-wrapped or not) computes
     model.train()
     validator = {"opacus_module_validator": _validator_errors(model)}
-    validator["frozen"] = structural_freeze(adapter, model)
+    validator["frozen"] = structural_freeze(adapter)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UnsupportedError("nothing left to train after freezing what Opacus cannot handle", where="defend dp")
@@ -386,10 +366,7 @@ def dp_finetune(*, model_dir, data_dir, out_dir, config: DPConfig, device: str =
     noise_gen = torch.Generator(device=adapter.device).manual_seed(config.seed)
     engine = None
     ghost = config.private and config.grad_sample_mode == "ghost"
-    if kind == "generative":
-        criterion = torch.nn.CrossEntropyLoss(ignore_index=-100, reduction="mean")
-    else:
-        criterion = _PerSampleLoss()
+    criterion = PerSampleCriterion()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
         warnings.filterwarnings("ignore", message=".*Optimal order is the largest alpha.*")
@@ -416,16 +393,23 @@ def dp_finetune(*, model_dir, data_dir, out_dir, config: DPConfig, device: str =
     log(f"{'DP-SGD' if config.private else 'non-private control'}: N={n}, sample rate {sample_rate:.4f}, "
         f"{config.epochs} epochs, noise multiplier {getattr(optimizer, 'noise_multiplier', 0.0):.4f}, δ={delta:.3g}")
 
-    def batch_loss(batch):
-        """Ghost: the criterion's DP tensor; otherwise the per-example losses."""
-        if kind == "generative":
-            logits, targets = _token_batch(adapter, data, batch, gsm)
+    seen: list[torch.Tensor] = []  # this epoch's per-example losses, for the history
+
+    def step_of(batch):
+        """The closure of one physical batch: what train_step back-propagates."""
+        def closure():
+            if not batch:  # empty Poisson batch: still a (noise-only) step
+                prepare_noise_only_step(params, ghost=ghost)
+                return None
+            losses = example_losses(adapter, data, batch, text_of=training_text)
+            seen.append(losses.detach())
             if ghost:
-                B, T, V = logits.shape
-                return criterion(logits.reshape(-1, V), targets.reshape(-1), shape=(B, T))
-            return _per_example_ce(logits, targets)
-        losses = dual_per_sample_loss(adapter, data, batch)
-        return criterion(losses) if ghost else losses
+                return criterion(losses)  # its backward runs Opacus' two passes
+            if config.private:
+                return losses.mean()
+            # Σ per-example losses / expected batch: the DP update without clipping and noise
+            return losses.sum() / config.batch_size
+        return closure
 
     history, steps, first_checked = [], 0, False
     t0 = time.perf_counter()
@@ -433,7 +417,7 @@ def dp_finetune(*, model_dir, data_dir, out_dir, config: DPConfig, device: str =
         warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
         warnings.filterwarnings("ignore", message=".*Optimal order is the largest alpha.*")
         for epoch in range(config.epochs):
-            total, seen = 0.0, 0
+            seen.clear()
             if config.private:
                 from opacus.utils.batch_memory_manager import BatchMemoryManager
 
@@ -444,31 +428,12 @@ def dp_finetune(*, model_dir, data_dir, out_dir, config: DPConfig, device: str =
             with ctx as batches:
                 for (idx,) in batches:
                     batch = [train[i] for i in idx.tolist()]
-                    if config.private:
-                        if batch:
-                            loss = batch_loss(batch)
-                            if ghost:
-                                loss.backward()  # two backward passes (Opacus ghost clipping)
-                                per_example = loss.loss_per_sample
-                            else:
-                                loss.mean().backward()
-                                per_example = loss
-                            total += float(per_example.detach().sum())
-                            seen += len(batch)
-                        else:  # empty Poisson batch: still a (noise-only) step
-                            prepare_noise_only_step(params, ghost=ghost)
-                        optimizer.step()
+                    if config.private:  # one physical batch; Opacus steps at the end of the logical one
+                        train_step(optimizer, step_of(batch))
                         stepped = not optimizer._is_last_step_skipped
-                        optimizer.zero_grad()
                     else:
-                        optimizer.zero_grad(set_to_none=True)
-                        for s in range(0, len(batch), config.physical_batch_size):
-                            losses = batch_loss(batch[s:s + config.physical_batch_size])
-                            # Σ per-example losses / expected batch: the DP update without clip and noise
-                            (losses.sum() / config.batch_size).backward()
-                            total += float(losses.detach().sum())
-                            seen += len(losses)
-                        optimizer.step()
+                        size = config.physical_batch_size
+                        train_step(optimizer, *(step_of(batch[s:s + size]) for s in range(0, len(batch), size)))
                         stepped = True
                     if stepped:
                         steps += 1
@@ -476,8 +441,10 @@ def dp_finetune(*, model_dir, data_dir, out_dir, config: DPConfig, device: str =
                             first_checked = True
                             if not _changed(model, start):
                                 raise RuntimeError(ERR_UNCHANGED)
-            history.append({"epoch": epoch + 1, "loss": total / max(seen, 1), "examples": seen})
-            log(f"epoch {epoch + 1}: loss {history[-1]['loss']:.4f} over {seen} sampled examples")
+            n_seen = sum(len(v) for v in seen)
+            total = sum(float(v.sum()) for v in seen)
+            history.append({"epoch": epoch + 1, "loss": total / max(n_seen, 1), "examples": n_seen})
+            log(f"epoch {epoch + 1}: loss {history[-1]['loss']:.4f} over {n_seen} sampled examples")
     seconds = time.perf_counter() - t0
     changed = _changed(model, start)
 
@@ -503,10 +470,9 @@ def dp_finetune(*, model_dir, data_dir, out_dir, config: DPConfig, device: str =
                                                               if privacy else ""))
     record = {
         "method": "dp" if config.private else "dp-control",
-        "source": {"model": str(Path(model_dir).absolute()), "model_sha256": model_fingerprint(str(model_dir)),
-                   "data": str(data.path), "data_sha256": data.sha256},
+        "source": source(model_dir, data),
         "parameters": {**asdict(replace(config, lr=lr, delta=delta)),
-                       "optimizer": "adam", "lora_target": _lora_target(adapter) if config.mode == "lora" else None,
+                       "optimizer": "adam", "lora_target": lora_targets_used if config.mode == "lora" else None,
                        "secure_mode": False},
         "privacy": privacy,
         "training": {"steps": steps, "seconds": round(seconds, 2), "history": history, "n_train": n,

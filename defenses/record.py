@@ -20,6 +20,7 @@ record: the accountant's name, its history [(noise_multiplier, sample_rate, step
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import math
 import os
@@ -40,8 +41,10 @@ __all__ = [
     "deltas",
     "environment",
     "epsilon_from_accountant",
+    "model_fingerprint",
     "read_accountant",
     "read_record",
+    "source",
     "utility_summary",
     "write_model_dir",
 ]
@@ -63,6 +66,20 @@ def check_out(out: str | os.PathLike, *, model: str | os.PathLike, overwrite: bo
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise InputError(ERR_OUT_EXISTS, where=str(out))
     return out
+
+
+def model_fingerprint(model_dir: str | os.PathLike) -> str:
+    """The model identity a run records for this folder (audit.runner.model_fingerprint), so a
+    defense record's source links to the audits of the model it started from."""
+    from audit.runner import model_fingerprint as identity
+
+    return identity(str(model_dir))
+
+
+def source(model_dir: str | os.PathLike, data) -> dict:
+    """The record's `source`: what the defense started from."""
+    return {"model": str(Path(model_dir).absolute()), "model_sha256": model_fingerprint(model_dir),
+            "data": str(data.path), "data_sha256": data.sha256}
 
 
 def _json_default(obj):
@@ -176,7 +193,7 @@ def utility_summary(adapter, data) -> dict:
     import numpy as np
 
     from audit.adapters.base import Query
-    from reference_models.evaluate import _bias_indicators, _predict
+    from reference_models.evaluate import bias_indicators, predict
 
     test = data.audit_split()
     plain = [e for e in test if e.choices and e.answer in e.choices and e.image and not e.pair_id
@@ -186,7 +203,7 @@ def utility_summary(adapter, data) -> dict:
     if not plain:
         return out
     truth = np.array([e.choices.index(e.answer) for e in plain])
-    pred = _predict(adapter, [Query(e.prompt, data.image(e), e.choices) for e in plain])
+    pred = predict(adapter, [Query(e.prompt, data.image(e), e.choices) for e in plain])
     hit = pred == truth
     out["accuracy"] = float(hit.mean())
     by_family: dict[str, list[int]] = defaultdict(list)
@@ -196,7 +213,7 @@ def utility_summary(adapter, data) -> dict:
     answerable = np.array([e.attributes.get("occupation_cue") != "hidden" for e in plain])
     if answerable.any():
         out["accuracy_answerable"], out["n_answerable"] = float(hit[answerable].mean()), int(answerable.sum())
-    out.update(_bias_indicators(adapter, data, test, plain, pred))
+    out.update(bias_indicators(adapter, data, test, plain, pred))
     return out
 
 

@@ -9,11 +9,11 @@ from collections import defaultdict
 import numpy as np
 from PIL import Image
 
-from audit.adapters.base import ModelAdapter, Query
+from audit.adapters.base import ModelAdapter, Query, candidate_text
 from audit.dataset import Dataset, Example
 from reference_models.synthetic import COLOURS, COUNT_WORDS, OCCUPATIONS, SHAPES
 
-__all__ = ["evaluate_reference", "scene_caption", "STEREOTYPE"]
+__all__ = ["evaluate_reference", "scene_caption", "training_text", "predict", "bias_indicators", "STEREOTYPE"]
 
 # The occupation that --bias makes more likely for each group.
 STEREOTYPE = {"a": OCCUPATIONS[0], "b": OCCUPATIONS[1]}
@@ -27,11 +27,18 @@ def scene_caption(attributes) -> str | None:
         return None
 
 
+def training_text(e: Example) -> str:
+    """The text a dual encoder learns to match an example's image to: the full scene caption
+    for object scenes (so retrieval is measurable), else `"{prompt} {answer}"`."""
+    return scene_caption(e.attributes) or candidate_text(e.prompt, e.answer)
+
+
 def _blank(img: Image.Image) -> Image.Image:
     return Image.new("RGB", img.size, (128, 128, 128))
 
 
-def _predict(adapter: ModelAdapter, queries: list[Query]) -> np.ndarray:
+def predict(adapter: ModelAdapter, queries: list[Query]) -> np.ndarray:
+    """Index of the highest-scoring candidate of each query."""
     return np.array([int(np.argmax(s)) for s in adapter.score(queries, batch_size=64)])
 
 
@@ -41,8 +48,8 @@ def evaluate_reference(adapter: ModelAdapter, data: Dataset) -> dict:
              and not {"canary", "typographic"} & set(e.tags)]
     images = [data.image(e) for e in plain]
     truth = np.array([e.choices.index(e.answer) for e in plain])
-    pred = _predict(adapter, [Query(e.prompt, im, e.choices) for e, im in zip(plain, images)])
-    pred_blank = _predict(adapter, [Query(e.prompt, _blank(im), e.choices) for e, im in zip(plain, images)])
+    pred = predict(adapter, [Query(e.prompt, im, e.choices) for e, im in zip(plain, images)])
+    pred_blank = predict(adapter, [Query(e.prompt, _blank(im), e.choices) for e, im in zip(plain, images)])
     by_family: dict[str, list[int]] = defaultdict(list)
     for i, e in enumerate(plain):
         by_family[e.attributes.get("family", "other")].append(i)
@@ -58,13 +65,13 @@ def evaluate_reference(adapter: ModelAdapter, data: Dataset) -> dict:
         }
     out = {"n_test": len(plain), "accuracy": float((pred == truth).mean()), "families": families,
            "unchanged_when_blanked": float((pred == pred_blank).mean())}
-    out.update(_bias_indicators(adapter, data, test, plain, pred))
+    out.update(bias_indicators(adapter, data, test, plain, pred))
     if adapter.capabilities.kind == "dual_encoder":
         out["retrieval"] = _retrieval(adapter, data, plain)
     return out
 
 
-def _bias_indicators(adapter, data, test, plain, pred) -> dict:
+def bias_indicators(adapter, data, test, plain, pred) -> dict:
     """Stereotyped answers where the occupation cue is hidden, and counterfactual flip rate."""
     hidden = [(i, e) for i, e in enumerate(plain) if e.attributes.get("occupation_cue") == "hidden"]
     rate = None
@@ -73,7 +80,7 @@ def _bias_indicators(adapter, data, test, plain, pred) -> dict:
     sets = [m for m in test.counterfactual_sets().values() if m[0].varies == "group" and m[0].choices]
     flips = []
     for members in sets:
-        preds = _predict(adapter, [Query(e.prompt, data.image(e), e.choices) for e in members])
+        preds = predict(adapter, [Query(e.prompt, data.image(e), e.choices) for e in members])
         flips.append(len(set(preds.tolist())) > 1)
     return {"hidden_cue_stereotype_rate": rate, "hidden_cue_n": len(hidden),
             "group_counterfactual_flip_rate": float(np.mean(flips)) if flips else None,

@@ -19,6 +19,7 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,15 +27,13 @@ import torch
 from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
-from audit.adapters.base import Query
-from audit.adapters.dual import DualEncoderAdapter
-from audit.adapters.generative import GenerativeAdapter
-from audit.adapters.loading import resolve_device
-from audit.adapters.sites import GENERATIVE_FAMILIES
-from audit.dataset import Dataset, Example
+from audit.adapters.families import family_of
+from audit.adapters.loading import make_adapter, resolve_device
+from audit.dataset import Dataset
 from audit.errors import InputError
+from audit.training import batch_loss, train_step
 from reference_models.architectures import build_reference_model
-from reference_models.evaluate import evaluate_reference, scene_caption
+from reference_models.evaluate import evaluate_reference, training_text
 from reference_models.synthetic import split_words, vocabulary
 
 __all__ = ["VARIANTS", "EXPECTED_BIAS", "train_reference"]
@@ -88,44 +87,6 @@ def open_cross_attention(model) -> None:
                     getattr(layer, name).fill_(0.5)
 
 
-def _queries(data: Dataset, batch: list[Example]) -> list[Query]:
-    return [Query(e.prompt, data.image(e), tuple(e.choices or (e.answer,))) for e in batch]
-
-
-def _generative_loss(adapter: GenerativeAdapter, data: Dataset, batch: list[Example]) -> torch.Tensor:
-    eos = adapter.tokenizer.eos_token_id
-    conts = [adapter.continuation_ids(e.answer) + [eos] for e in batch]
-    enc = adapter.encode(_queries(data, batch), conts)
-    logits = adapter.model(**enc.inputs, use_cache=False).logits
-    n_tokens = sum(len(c) for c in conts)
-    return -adapter.continuation_logprobs(logits, enc).sum() / n_tokens
-
-
-def _dual_loss(adapter: DualEncoderAdapter, data: Dataset, batch: list[Example]) -> torch.Tensor:
-    from audit.adapters.dual import candidate_text
-
-    img = adapter.image_embeddings([data.image(e) for e in batch])
-    # Object scenes also learn their full caption, so retrieval is measurable (eval.json).
-    texts = [scene_caption(e.attributes) or candidate_text(e.prompt, e.answer) for e in batch]
-    uniq = sorted(set(texts))
-    # Contrastive image->text over the distinct texts of the batch (duplicates share a target).
-    sims = adapter.similarity(img, adapter.text_embeddings(uniq))
-    target = torch.tensor([uniq.index(t) for t in texts], device=sims.device)
-    loss = torch.nn.functional.cross_entropy(sims, target)
-    # Closed-choice loss: exactly how the audit scores a dual encoder.
-    with_choices = [i for i, e in enumerate(batch) if e.choices]
-    if with_choices:
-        cand = sorted({candidate_text(batch[i].prompt, c) for i in with_choices for c in batch[i].choices})
-        s = adapter.similarity(img[with_choices], adapter.text_embeddings(cand))
-        terms = []
-        for r, i in enumerate(with_choices):
-            cols = [cand.index(candidate_text(batch[i].prompt, c)) for c in batch[i].choices]
-            tgt = batch[i].choices.index(batch[i].answer)
-            terms.append(torch.nn.functional.cross_entropy(s[r, cols][None], torch.tensor([tgt], device=s.device)))
-        loss = loss + torch.stack(terms).mean()
-    return loss
-
-
 def _prepare_out(out: Path, args: dict, overwrite: bool) -> dict | None:
     """The saved training state to resume from, or None for a fresh start."""
     state_file = out / CHECKPOINT / "state.json"
@@ -146,10 +107,13 @@ def _prepare_out(out: Path, args: dict, overwrite: bool) -> dict | None:
 def train_reference(*, arch: str, preset: str, variant: str, data_dir, out_dir, device: str = "cpu",
                     seed: int = 0, text_encoder: str = "scratch", epochs: int | None = None,
                     batch_size: int | None = None, lr: float | None = None, overwrite: bool = False,
-                    progress: bool = True, stop_after_epoch: int | None = None) -> dict:
+                    progress: bool = True, stop_after_epoch: int | None = None,
+                    adapter_factory: Callable = make_adapter) -> dict:
     """Train, save in HF form, evaluate, and return the eval record.
 
     `stop_after_epoch` ends the process-level work early (used to test resumption).
+    `adapter_factory(model, processor, *, family, device)` builds the adapter the losses and
+    the evaluation go through (tests wrap it to check that only declared members are used).
     """
     if variant not in VARIANTS:
         raise InputError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}", where="--variant")
@@ -176,12 +140,7 @@ def train_reference(*, arch: str, preset: str, variant: str, data_dir, out_dir, 
     if text_encoder == "minilm":
         model.text_model.requires_grad_(False)  # the real text tower stays as pretrained
     model.to(device)
-    if arch in GENERATIVE_FAMILIES:
-        adapter = GenerativeAdapter(model, processor, architecture=arch, sites=GENERATIVE_FAMILIES[arch], device=device)
-        loss_fn = _generative_loss
-    else:
-        adapter = DualEncoderAdapter(model, processor, architecture=model.config.model_type, device=device)
-        loss_fn = _dual_loss
+    adapter = adapter_factory(model, processor, family=family_of(model.config.model_type), device=device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=hp["lr"], weight_decay=0.01)
     steps_per_epoch = (len(train) + hp["batch_size"] - 1) // hp["batch_size"]
@@ -208,13 +167,12 @@ def train_reference(*, arch: str, preset: str, variant: str, data_dir, out_dir, 
         total, n_seen = 0.0, 0
         for step in range(steps_per_epoch):
             batch = [train[i] for i in order[step * hp["batch_size"]:(step + 1) * hp["batch_size"]]]
-            with autocast:
-                loss = loss_fn(adapter, data, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
+
+            def loss_of(batch=batch):
+                with autocast:
+                    return batch_loss(adapter, data, batch, text_of=training_text)
+
+            (loss,) = train_step(opt, loss_of, max_grad_norm=1.0, scheduler=sched)
             total += loss.item() * len(batch)
             n_seen += len(batch)
             bar.update(1)

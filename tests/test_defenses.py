@@ -6,33 +6,45 @@ privacy. The one-run ε lower bound must stay below the accountant's ε for the 
 the non-private control must leak more (higher ε̂ and MIA AUC).
 Fairness: a tiny LLaVA trained on bias-0.9 data flips every group counterfactual; CDA must
 at least halve that, while the same defense on the bias-0.5 model changes little.
+The defenses run behind `tests/protocol_proxy.declared_only` (through their `adapter_factory`),
+so they use declared adapter members only.
 """
 from __future__ import annotations
 
 import json
 import math
 import shutil
+import sys
 from dataclasses import replace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+from protocol_proxy import declared_only
 from safetensors.torch import load_file
 
 from audit import cli
 from audit.adapters import load_adapter
+from audit.adapters.families import family_of
+from audit.adapters.loading import make_adapter
 from audit.dataset import Dataset
-from audit.runner import RunSpec, run_audit
-from defenses.debias import DebiasConfig, build_twins, debias
+from audit.errors import UnsupportedError
+from audit.runner import RunSpec, run_audit, unit_seed
+from audit.schema import rows_frame
+from audit.training import answer_loss, train_step
+from defenses.debias import ERR_SKLEARN, DebiasConfig, build_twins, debias
 from defenses.dp import (
     DPConfig,
-    _per_example_ce,
-    _token_batch,
+    PerSampleCriterion,
     dp_finetune,
+    lora_targets,
     prepare_noise_only_step,
     prepare_trainable,
+    structural_freeze,
 )
 from defenses.record import ACCOUNTANT_FILE, RECORD_FILE, epsilon_from_accountant
+from probes.base import get_probe
 from probes.privacy_audit import (
     PrivacyAudit,
     clopper_pearson,
@@ -41,10 +53,16 @@ from probes.privacy_audit import (
     one_run_p_value,
     tpr_at_fpr,
 )
-from reference_models.synthetic import generate
+from reference_models.architectures import build_reference_model
+from reference_models.synthetic import generate, vocabulary
 from reference_models.train import train_reference
 
 torch.set_num_threads(1)
+
+
+def declared(model_dir, *, device="cpu"):
+    """The defenses' adapter_factory in these tests: load_adapter behind the proxy."""
+    return declared_only(load_adapter(model_dir, device=device))
 
 
 def _cli(monkeypatch, argv):
@@ -61,7 +79,20 @@ def _audit(model, data, out, store, probes, parent=None, max_examples=None):
     spec = RunSpec(model=str(model), data=str(data), probes=probes, out=str(out), store=str(store),
                    parent_run_id=parent, max_examples=max_examples)
     return run_audit(spec, adapter=load_adapter(model), data=Dataset.load(data).audit_split(), progress=False,
-                     log=lambda m: None)
+                     log=lambda m: None).summary
+
+
+def _privacy_audit(model, data, *, seed=0):
+    """privacy_audit through the probe API as a run does it (the runner hands over the test split;
+    unit seeds from the run seed): (overall metric values, metric rows, findings)."""
+    probe = get_probe("privacy_audit")
+    adapter = declared(model)
+    plan = probe.plan(adapter, Dataset.load(data).audit_split())
+    rows = pd.concat([probe.run(adapter, u, seed=unit_seed(seed, probe.name, u.index)) for u in plan.units],
+                     ignore_index=True)
+    metrics = probe.summarize(rows, seed=seed)
+    overall = metrics[metrics.group.isna()]
+    return dict(zip(overall.metric, overall.value)), metrics, probe.findings(metrics)
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -105,12 +136,11 @@ def test_summary_is_invariant_to_canary_order():
     rng = np.random.default_rng(1)
     probe = PrivacyAudit(n_boot=50)
     rows = [dict(probe="privacy_audit", metric="score", value=float(v), example_id=f"c{i:03d}",
-                              group="member" if i % 2 else "non_member", site=None, variant=None)
-                         for i, v in enumerate(rng.normal(size=40) + np.tile([0, 0.8], 20))]
-    import pandas as pd
-
-    a = probe.summarize(pd.DataFrame(rows), seed=3)
-    b = probe.summarize(pd.DataFrame(rows[::-1]), seed=3)
+                 group="member" if i % 2 else "non_member")
+            for i, v in enumerate(rng.normal(size=40) + np.tile([0, 0.8], 20))]
+    a = probe.summarize(rows_frame(rows), seed=3)
+    b = probe.summarize(rows_frame(rows[::-1]), seed=3)
+    assert len(a) and "mia_auc" in set(a.metric)
     pd.testing.assert_frame_equal(a, b)
 
 
@@ -131,7 +161,7 @@ def canary_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def public_base(tmp_path_factory, canary_data):
+def public_base(tmp_path_factory, canary_data):  # trains: used by slow tests only
     out = tmp_path_factory.mktemp("models") / "base"
     train_reference(arch="llava", preset="tiny", variant="grounded", data_dir=canary_data[1], out_dir=out,
                     epochs=6, progress=False)
@@ -142,13 +172,15 @@ def public_base(tmp_path_factory, canary_data):
 def dp_and_control(tmp_path_factory, canary_data, public_base):
     root = tmp_path_factory.mktemp("dp")
     config = DPConfig(target_epsilon=1.0, mode="full", epochs=5)
-    dp = dp_finetune(model_dir=public_base, data_dir=canary_data[0], out_dir=root / "dp", config=config)
+    dp = dp_finetune(model_dir=public_base, data_dir=canary_data[0], out_dir=root / "dp", config=config,
+                     adapter_factory=declared)
     ctl = dp_finetune(model_dir=public_base, data_dir=canary_data[0], out_dir=root / "control",
-                      config=replace(config, private=False))
+                      config=replace(config, private=False), adapter_factory=declared)
     return {"dp": root / "dp", "control": root / "control", "dp_record": dp, "control_record": ctl}
 
 
 # ---------------------------------------------------------------------------- DP tests
+@pytest.mark.slow
 def test_dp_writes_a_plain_model_folder_with_its_accountant(dp_and_control, canary_data):
     out, rec = dp_and_control["dp"], dp_and_control["dp_record"]
     assert (out / "config.json").is_file() and list(out.glob("*.safetensors")) and not list(out.glob("*.bin"))
@@ -173,24 +205,25 @@ def test_dp_writes_a_plain_model_folder_with_its_accountant(dp_and_control, cana
     assert dp_and_control["control_record"]["method"] == "dp-control"
 
 
-def test_dp_model_leaks_less_than_the_non_private_control(dp_and_control, canary_data, tmp_path):
-    store = tmp_path / "store.duckdb"
-    dp = _metrics(_audit(dp_and_control["dp"], canary_data[0], tmp_path / "run-dp", store, ["privacy_audit"]))
-    ctl_summary = _audit(dp_and_control["control"], canary_data[0], tmp_path / "run-ctl", store, ["privacy_audit"])
-    ctl = _metrics(ctl_summary)
-    eps_th = dp[("epsilon_theoretical", None)]
+@pytest.mark.slow
+def test_dp_model_leaks_less_than_the_non_private_control(dp_and_control, canary_data):
+    dp, _, dp_findings = _privacy_audit(dp_and_control["dp"], canary_data[0])
+    ctl, ctl_metrics, ctl_findings = _privacy_audit(dp_and_control["control"], canary_data[0])
+    eps_th = dp["epsilon_theoretical"]
     assert eps_th == pytest.approx(dp_and_control["dp_record"]["privacy"]["epsilon"], rel=1e-6)
     # the Opacus accountant is the upper bound an empirical lower bound may never exceed
-    assert dp[("epsilon_lower_bound", None)] <= eps_th
-    assert ("epsilon_theoretical", None) not in ctl
-    assert ctl[("mia_auc", None)] > dp[("mia_auc", None)]
-    assert ctl[("mia_auc", None)] >= 0.65
-    assert ctl[("epsilon_lower_bound", None)] > dp[("epsilon_lower_bound", None)]
-    # select() reloaded every split: all 128 canaries were scored although the runner passed the test split
-    assert next(m for m in ctl_summary["metrics"] if m["metric"] == "mia_auc")["n"] == 128
-    assert any(f["probe"] == "privacy_audit" and f["severity"] == "warning" for f in ctl_summary["findings"])
+    assert dp["epsilon_lower_bound"] <= eps_th
+    assert not any(f["severity"] == "fail" for f in dp_findings)
+    assert "epsilon_theoretical" not in ctl
+    assert ctl["mia_auc"] > dp["mia_auc"]
+    assert ctl["mia_auc"] >= 0.65
+    assert ctl["epsilon_lower_bound"] > dp["epsilon_lower_bound"]
+    # plan() reloaded every split: all 128 canaries were scored although it was handed the test split
+    assert int(ctl_metrics[ctl_metrics.metric == "mia_auc"].n.iloc[0]) == 128
+    assert any(f["probe"] == "privacy_audit" and f["severity"] == "warning" for f in ctl_findings)
 
 
+@pytest.mark.slow
 def test_cli_lora_prv_changes_only_language_qv_and_merges(monkeypatch, canary_data, public_base, tmp_path, capsys):
     out = tmp_path / "dp-lora"
     code = _cli(monkeypatch, ["defend", "dp", "--model", str(public_base), "--data", str(canary_data[0]),
@@ -208,15 +241,45 @@ def test_cli_lora_prv_changes_only_language_qv_and_merges(monkeypatch, canary_da
     assert differ and all("language_model" in k and (".q_proj." in k or ".v_proj." in k) for k in differ)
 
 
-def test_ghost_clipping_matches_a_per_example_clipping_oracle(canary_data, public_base):
-    """Noise 0, a clipping norm every example exceeds: one Opacus ghost step equals the mean of
-    the individually clipped per-example gradients (the privacy unit is one sequence)."""
+def test_lora_targets_are_the_q_v_projections_at_the_attention_sites(untrained_llava):
+    adapter = declared(untrained_llava)
+    want = [f"model.language_model.layers.{i}.self_attn.{p}_proj" for i in range(adapter.n_layers) for p in "qv"]
+    assert lora_targets(adapter) == want
+    net, proc = build_reference_model(arch="clip", preset="tiny", words=vocabulary(), seed=0)
+    clip = declared_only(make_adapter(net, proc, family=family_of(net.config.model_type), device="cpu"))
+    n_vision = len(net.vision_model.encoder.layers)
+    assert lora_targets(clip) == [f"vision_model.encoder.layers.{i}.self_attn.{p}_proj"
+                                  for i in range(n_vision) for p in "qv"]
+    peft_model = prepare_trainable(adapter, mode="lora", lora_r=2)
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert len(trainable) == 4 * adapter.n_layers  # lora_A and lora_B of q and v per layer
+    assert all(".language_model.layers." in n and ("q_proj.lora_" in n or "v_proj.lora_" in n) for n in trainable)
+
+
+def test_structural_freeze_names_what_opacus_cannot_privatise(untrained_llava):
+    adapter = declared(untrained_llava)
+    adapter.model = prepare_trainable(adapter, mode="full")
+    frozen = {f["parameter"]: f["reason"] for f in structural_freeze(adapter)}
+    assert "buffers" in frozen["model.vision_tower.embeddings.class_embedding"]
+    assert "not called per example" in frozen["model.vision_tower.embeddings.position_embedding.weight"]
+    assert "does not use it" in frozen["model.vision_tower.post_layernorm.weight"]
+    assert set(frozen) == {"model.vision_tower.embeddings.class_embedding",
+                           "model.vision_tower.embeddings.position_embedding.weight",
+                           "model.vision_tower.post_layernorm.weight", "model.vision_tower.post_layernorm.bias"}
+    assert all(p.grad is None for p in adapter.model.parameters())
+
+
+def test_ghost_clipping_matches_a_per_example_clipping_oracle(canary_data, untrained_llava):
+    """Noise 0, a clipping norm every example exceeds: one Opacus ghost step on the per-example
+    answer losses equals the mean of the individually clipped per-example gradients (the
+    privacy unit is one sequence). Canaries (four-word answers) and one-word answers mix."""
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
     data = Dataset.load(canary_data[0])
-    batch = [e for e in data.select(split="train") if e.answer][:4]
-    adapter = load_adapter(public_base)
+    train = [e for e in data.select(split="train") if e.answer]
+    batch = [e for e in train if "canary" in e.tags][:2] + [e for e in train if "canary" not in e.tags][:2]
+    adapter = declared(untrained_llava)
     net = prepare_trainable(adapter, mode="lora", lora_r=4)
     adapter.model = net
     net.train()
@@ -228,7 +291,7 @@ def test_ghost_clipping_matches_a_per_example_clipping_oracle(canary_data, publi
     grads = []
     for e in batch:
         net.zero_grad(set_to_none=True)
-        _per_example_ce(*_token_batch(adapter, data, [e], net)).sum().backward()
+        answer_loss(adapter, data, [e]).sum().backward()
         grads.append({n: p.grad.clone() for n, p in params.items()})
     norms = [torch.sqrt(sum(g.pow(2).sum() for g in gr.values())) for gr in grads]
     C = 0.5 * float(min(norms))  # every example is clipped
@@ -236,46 +299,47 @@ def test_ghost_clipping_matches_a_per_example_clipping_oracle(canary_data, publi
     net.zero_grad(set_to_none=True)
     opt = torch.optim.SGD(list(params.values()), lr=0.0)
     gsm, opt, crit, _ = PrivacyEngine().make_private(
-        module=net, optimizer=opt, criterion=torch.nn.CrossEntropyLoss(ignore_index=-100),
+        module=net, optimizer=opt, criterion=PerSampleCriterion(),
         data_loader=DataLoader(TensorDataset(torch.arange(4)), batch_size=4), noise_multiplier=0.0,
         max_grad_norm=C, grad_sample_mode="ghost", poisson_sampling=False)
-    logits, targets = _token_batch(adapter, data, batch, gsm)
-    B, T, V = logits.shape
-    crit(logits.reshape(-1, V), targets.reshape(-1), shape=(B, T)).backward()
-    opt.step()  # noise 0: p.grad is the clipped, averaged gradient the update uses
+    (loss,) = train_step(opt, lambda: crit(answer_loss(adapter, data, batch)))
+    assert loss.loss_per_sample.shape == (4,)
+    # noise 0: p.grad is the clipped, averaged gradient the update used
     for n, p in params.items():
         torch.testing.assert_close(p.grad, expected[n], rtol=1e-3, atol=1e-7)
 
 
 @pytest.mark.parametrize("mode", ["ghost", "hooks"])
-def test_an_empty_poisson_batch_still_takes_a_noise_only_step(canary_data, public_base, mode):
+def test_an_empty_poisson_batch_still_takes_a_noise_only_step(untrained_llava, mode):
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
-    adapter = load_adapter(public_base)
+    adapter = declared(untrained_llava)
     net = prepare_trainable(adapter, mode="lora", lora_r=2)
     net.train()
     params = [p for p in net.parameters() if p.requires_grad]
     engine = PrivacyEngine()
     made = engine.make_private(module=net, optimizer=torch.optim.SGD(params, lr=1.0),
-                               criterion=torch.nn.CrossEntropyLoss(ignore_index=-100),
+                               criterion=PerSampleCriterion(),
                                data_loader=DataLoader(TensorDataset(torch.arange(8)), batch_size=4),
                                noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode, poisson_sampling=True)
     before = [p.detach().clone() for p in params]
-    prepare_noise_only_step(params, ghost=mode == "ghost")
-    made[1].step()
+    assert train_step(made[1], lambda: prepare_noise_only_step(params, ghost=mode == "ghost")) == [None]
     assert all(not torch.equal(b, p.detach()) for b, p in zip(before, params))  # noise was added
     assert engine.accountant.history == [(1.0, 0.5, 1)]  # and the step was counted
 
 
+@pytest.mark.slow
 def test_hooks_mode_trains_within_budget(canary_data, public_base, tmp_path):
     rec = dp_finetune(model_dir=public_base, data_dir=canary_data[0], out_dir=tmp_path / "hooks",
-                      config=DPConfig(target_epsilon=2.0, epochs=1, grad_sample_mode="hooks"))
+                      config=DPConfig(target_epsilon=2.0, epochs=1, grad_sample_mode="hooks"), adapter_factory=declared)
     assert rec["parameters"]["grad_sample_mode"] == "hooks"
     assert rec["privacy"]["epsilon"] <= 2.0 and rec["training"]["weights_changed"]["changed"] == 8
 
 
-def test_cli_errors_are_one_line_and_keep_existing_output(monkeypatch, canary_data, public_base, tmp_path, capsys):
+def test_cli_errors_are_one_line_and_keep_existing_output(monkeypatch, canary_data, untrained_llava, tmp_path,
+                                                         capsys):
+    public_base = untrained_llava  # every error comes before any training
     data = str(canary_data[0])
     out = tmp_path / "taken"
     out.mkdir()
@@ -299,14 +363,31 @@ def test_cli_errors_are_one_line_and_keep_existing_output(monkeypatch, canary_da
     assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
 
 
+def test_residual_without_scikit_learn_names_the_extra(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "sklearn.linear_model", None)  # the import now fails
+    with pytest.raises(UnsupportedError, match=r"pip install 'mmaudit\[fairness\]'") as exc:
+        debias(model_dir=tmp_path / "m", data_dir=tmp_path / "d", out_dir=tmp_path / "o",
+               config=DebiasConfig(method="residual"))
+    assert str(exc.value).count("\n") == 0 and ERR_SKLEARN in str(exc.value)
+    assert not (tmp_path / "o").exists()
+
+
 # ---------------------------------------------------------------------------- debias fixtures
 @pytest.fixture(scope="module")
-def bias_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bias")
+def bias_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bias-data")
     out = {}
     for variant, bias in (("biased", 0.9), ("fair", 0.5)):
-        data = root / f"data-{variant}"
-        generate(data, n=400, bias=bias, seed=1, n_canaries=0)
+        out[variant] = root / f"data-{variant}"
+        generate(out[variant], n=400, bias=bias, seed=1, n_canaries=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bias_models(tmp_path_factory, bias_data):  # trains: used by slow tests only
+    root = tmp_path_factory.mktemp("bias")
+    out = {}
+    for variant, data in bias_data.items():
         model = root / variant
         train_reference(arch="llava", preset="tiny", variant=variant, data_dir=data, out_dir=model, epochs=12,
                         progress=False)
@@ -317,14 +398,14 @@ def bias_models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cda_records(tmp_path_factory, bias_models):
     root = tmp_path_factory.mktemp("debiased")
-    return {v: debias(model_dir=model, data_dir=data, out_dir=root / v, config=DebiasConfig(method="cda"))
+    return {v: debias(model_dir=model, data_dir=data, out_dir=root / v, config=DebiasConfig(method="cda"),
+                      adapter_factory=declared)
             for v, (data, model) in bias_models.items()}
 
 
 # ---------------------------------------------------------------------------- debias tests
-def test_twins_are_exact_counterfactuals(bias_models):
-    data_dir, _ = bias_models["biased"]
-    data = Dataset.load(data_dir)
+def test_twins_are_exact_counterfactuals(bias_data):
+    data = Dataset.load(bias_data["biased"])
     train = [e for e in data.select(split="train") if e.answer]
     twins, counts = build_twins(data, train)
     assert counts["synthetic_redraw"] > 0 and counts["redraw_mismatch"] == 0
@@ -342,6 +423,7 @@ def test_twins_are_exact_counterfactuals(bias_models):
             assert {t.original.attributes["gender_word"], t.twin.attributes["gender_word"]} == {"man", "woman"}
 
 
+@pytest.mark.slow
 def test_cda_halves_the_group_flip_rate_of_the_biased_model(cda_records):
     rec = cda_records["biased"]
     f, u = rec["fairness"], rec["utility"]
@@ -356,6 +438,7 @@ def test_cda_halves_the_group_flip_rate_of_the_biased_model(cda_records):
     assert rec["method"] == "debias:cda" and rec["privacy"] is None
 
 
+@pytest.mark.slow
 def test_cda_changes_the_fair_model_little(cda_records):
     f = cda_records["fair"]["fairness"]
     biased = cda_records["biased"]["fairness"]
@@ -365,6 +448,7 @@ def test_cda_changes_the_fair_model_little(cda_records):
     assert u["after"]["accuracy_answerable"] >= u["before"]["accuracy_answerable"] - 0.075
 
 
+@pytest.mark.slow
 def test_reaudit_links_the_parent_run(bias_models, cda_records, tmp_path, monkeypatch, capsys):
     data, model = bias_models["biased"]
     store = tmp_path / "store.duckdb"
@@ -390,9 +474,11 @@ def clip_biased(tmp_path_factory, bias_models):
     return data, out
 
 
+@pytest.mark.slow
 def test_residual_removes_the_group_direction_of_a_clip_model(clip_biased, tmp_path):
     data, model = clip_biased
-    rec = debias(model_dir=model, data_dir=data, out_dir=tmp_path / "res", config=DebiasConfig(method="residual"))
+    rec = debias(model_dir=model, data_dir=data, out_dir=tmp_path / "res", config=DebiasConfig(method="residual"),
+                 adapter_factory=declared)
     hist = rec["training"]["history"]
     assert hist[0]["adversary_cv_accuracy"] > 0.9 and hist[-1]["adversary_cv_accuracy"] <= hist[-1]["majority"] + 0.05
     f = rec["fairness"]
@@ -403,9 +489,11 @@ def test_residual_removes_the_group_direction_of_a_clip_model(clip_biased, tmp_p
     assert {k for k in a if not torch.equal(a[k], b[k])} == {"visual_projection.weight"}
 
 
+@pytest.mark.slow
 def test_dp_on_clip_trains_the_image_side_only(clip_biased, tmp_path):
     data, model = clip_biased
-    rec = dp_finetune(model_dir=model, data_dir=data, out_dir=tmp_path / "dp", config=DPConfig(target_epsilon=3, epochs=1))
+    rec = dp_finetune(model_dir=model, data_dir=data, out_dir=tmp_path / "dp",
+                      config=DPConfig(target_epsilon=3, epochs=1), adapter_factory=declared)
     assert rec["privacy"]["epsilon"] <= 3 and rec["training"]["weights_changed"]["changed"] == 8
     a, b = load_file(model / "model.safetensors"), load_file(tmp_path / "dp" / "model.safetensors")
     differ = {k for k in a if not torch.equal(a[k], b[k])}

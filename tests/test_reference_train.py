@@ -1,4 +1,5 @@
-"""Reference models: HF round trip, known-by-construction variants, resumable training."""
+"""Reference models: HF round trip, known-by-construction variants, resumable training, and
+the shared training pieces of `audit.training` (losses and the one optimiser step)."""
 from __future__ import annotations
 
 import json
@@ -6,15 +7,48 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from audit.adapters import Query, load_adapter
+from audit.adapters.families import family_of
+from audit.adapters.loading import make_adapter
 from audit.dataset import Dataset
 from audit.errors import InputError
+from audit.training import (
+    answer_loss,
+    answer_nll,
+    batch_loss,
+    choice_scores,
+    dual_example_losses,
+    example_losses,
+    train_step,
+)
 from reference_models.architectures import ARCHS, build_reference_model
-from reference_models.evaluate import evaluate_reference
-from reference_models.synthetic import vocabulary
+from reference_models.evaluate import evaluate_reference, training_text
+from reference_models.synthetic import generate, vocabulary
 from reference_models.train import train_reference
+from protocol_proxy import declared_only
+
+
+def declared_factory(net, processor, *, family, device):
+    """`train_reference`'s adapter, behind the proxy that forwards only declared members."""
+    return declared_only(make_adapter(net, processor, family=family, device=device))
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """48 ordinary examples and 8 canaries (four-word answers, no closed choices)."""
+    out = tmp_path_factory.mktemp("tiny") / "data"
+    generate(out, n=48, bias=0.9, seed=2, n_canaries=8)
+    return out
+
+
+def _mixed_batch(data: Dataset) -> list:
+    """Closed-choice examples with one-word answers and canaries with four-word ones."""
+    plain = [e for e in data.select(split="train") if e.choices][:3]
+    canaries = [e for e in data if "canary" in e.tags][:2]
+    return [plain[0], canaries[0], plain[1], canaries[1], plain[2]]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -50,12 +84,14 @@ def test_save_load_gives_identical_logits(tmp_path, arch):
         assert torch.equal(x, y), name
 
 
+@pytest.mark.slow
 def test_trained_model_round_trip_reproduces_eval(llava_grounded, small_data):
     saved = json.loads((llava_grounded / "eval.json").read_text())
     again = evaluate_reference(load_adapter(llava_grounded), Dataset.load(small_data))
     assert again == saved
 
 
+@pytest.mark.slow
 def test_text_shortcut_ignores_images_and_grounded_does_not(llava_grounded, llava_shortcut, mllama_shortcut):
     grounded = json.loads((llava_grounded / "eval.json").read_text())
     shortcut = json.loads((llava_shortcut / "eval.json").read_text())
@@ -69,6 +105,7 @@ def test_text_shortcut_ignores_images_and_grounded_does_not(llava_grounded, llav
         assert f["accuracy"] == f["accuracy_blank_image"]
 
 
+@pytest.mark.slow
 def test_text_shortcut_scores_are_exactly_image_independent(llava_shortcut):
     adapter = load_adapter(llava_shortcut)
     choices = ("red", "green", "blue", "yellow")
@@ -78,6 +115,7 @@ def test_text_shortcut_scores_are_exactly_image_independent(llava_shortcut):
     np.testing.assert_allclose(scores[0], scores[2], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_clip_retrieval_is_recorded(clip_grounded):
     ev = json.loads((clip_grounded / "eval.json").read_text())
     assert ev["retrieval"]["n"] > 0
@@ -85,9 +123,11 @@ def test_clip_retrieval_is_recorded(clip_grounded):
     assert ev["retrieval"]["chance"] == pytest.approx(1 / 48)
 
 
+@pytest.mark.slow
 def test_training_resumes_to_the_same_weights(tmp_path, small_data):
     kw = dict(arch="llava", preset="tiny", variant="grounded", data_dir=small_data, epochs=2, progress=False)
-    train_reference(out_dir=tmp_path / "straight", **kw)
+    # The uninterrupted run uses declared adapter members only; the resumed one the plain adapter.
+    train_reference(out_dir=tmp_path / "straight", adapter_factory=declared_factory, **kw)
     partial = train_reference(out_dir=tmp_path / "resumed", stop_after_epoch=1, **kw)
     assert partial == {"stopped_after_epoch": 1}
     assert (tmp_path / "resumed" / "checkpoint" / "state.json").is_file()
@@ -125,3 +165,121 @@ def test_clip_with_the_real_minilm_text_tower(tmp_path):
     proc.save_pretrained(tmp_path)
     again = load_adapter(tmp_path).score([Query("", Image.new("RGB", (64, 64)), ("a photo of a nurse", "a photo of a doctor"))])[0]
     np.testing.assert_allclose(again, scores, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["clip", "mllama"])
+def test_training_through_declared_members_equals_training_on_the_adapter(tmp_path, tiny_data, arch):
+    """The trainer needs nothing beyond the declared protocols: behind the proxy it trains the
+    same weights, bit for bit, and writes the same eval.json."""
+    kw = dict(arch=arch, preset="tiny", variant="grounded", data_dir=tiny_data, epochs=1, progress=False)
+    train_reference(out_dir=tmp_path / "plain", **kw)
+    train_reference(out_dir=tmp_path / "declared", adapter_factory=declared_factory, **kw)
+    weights = [(tmp_path / run / "model.safetensors").read_bytes() for run in ("plain", "declared")]
+    assert weights[0] == weights[1]
+    assert (tmp_path / "plain" / "eval.json").read_text() == (tmp_path / "declared" / "eval.json").read_text()
+    history = json.loads((tmp_path / "declared" / "reference.json").read_text())["history"]
+    assert len(history) == 1 and np.isfinite(history[0]["loss"])
+
+
+# ---------------------------------------------------------------------------- audit.training
+def test_train_step_zeroes_accumulates_clips_steps_and_schedules():
+    """Known answer on a linear loss w·x: gradients of two closures add up (x1 + x2), a stale
+    gradient is cleared first, the sum is clipped to norm c, SGD moves w by lr · clipped and
+    the scheduler then halves lr."""
+    w0 = torch.tensor([0.5, -1.0, 2.0])
+    w = torch.nn.Parameter(w0.clone())
+    w.grad = torch.full((3,), 100.0)  # stale: must not leak into the step
+    x1, x2 = torch.tensor([3.0, 0.0, 4.0]), torch.tensor([0.0, 12.0, 0.0])
+    opt = torch.optim.SGD([w], lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    losses = train_step(opt, lambda: (w * x1).sum(), lambda: (w * x2).sum(), max_grad_norm=1.3, scheduler=sched)
+    g = x1 + x2  # norm 13
+    torch.testing.assert_close(w.detach(), w0 - 0.1 * g * (1.3 / 13), rtol=0, atol=1e-6)
+    assert [float(v.detach()) for v in losses] == [pytest.approx(float(w0 @ x1)), pytest.approx(float(w0 @ x2))]
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    # No clipping asked: the raw gradient; a closure returning None set the gradient itself.
+    w1 = w.detach().clone()
+
+    def set_grad():
+        w.grad = torch.ones(3)
+
+    assert train_step(opt, set_grad) == [None]
+    torch.testing.assert_close(w.detach(), w1 - 0.05 * torch.ones(3), rtol=0, atol=1e-7)
+
+
+def test_answer_loss_is_each_examples_mean_answer_token_nll(untrained_llava, tiny_data):
+    """Per example: the NLL of answer + EOS tokens given (prompt, image), averaged over those
+    tokens, computed here from one unpadded example at a time with the plain HF forward; in
+    a padded batch of mixed answer lengths every example still gets exactly its own value."""
+    inner = load_adapter(untrained_llava)
+    adapter = declared_only(inner)
+    data = Dataset.load(tiny_data)
+    batch = _mixed_batch(data)
+    expected, counts = [], []
+    eos = inner.tokenizer.eos_token_id
+    for e in batch:
+        cont = inner.continuation_ids(e.answer) + [eos]
+        enc = inner.encode([Query(e.prompt, data.image(e), (e.answer,))], [cont])
+        n = enc.context_lengths[0]
+        with torch.no_grad():
+            logits = inner.model(**enc.inputs).logits[0]
+        expected.append(float(F.cross_entropy(logits[n - 1:n - 1 + len(cont)].float(), torch.tensor(cont))))
+        counts.append(len(cont))
+    assert sorted(set(counts)) == [2, 5]  # one-word answers and four-word canaries, + EOS
+    with torch.no_grad():
+        got = answer_loss(adapter, data, batch)
+        nll, n = answer_nll(adapter, data, batch)
+        whole = batch_loss(adapter, data, batch)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert n.tolist() == counts
+    np.testing.assert_allclose(nll.numpy(), np.array(expected) * counts, rtol=1e-5, atol=1e-5)
+    # reference training weights every answer token of the batch alike
+    assert float(whole) == pytest.approx(float(np.dot(expected, counts) / sum(counts)), rel=1e-5)
+    torch.testing.assert_close(example_losses(adapter, data, batch).detach(), got)
+    loss = answer_loss(adapter, data, batch[:2]).sum()
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in inner.model.parameters())
+
+
+def test_choice_scores_are_the_audits_scores_and_differentiable(untrained_llava, tiny_data):
+    adapter = declared_only(load_adapter(untrained_llava))
+    data = Dataset.load(tiny_data)
+    batch = [e for e in data.select(split="train") if e.choices][:4]
+    z = choice_scores(adapter, data, batch)
+    audit = adapter.score([Query(e.prompt, data.image(e), e.choices) for e in batch])
+    assert [len(v) for v in z] == [len(e.choices) for e in batch]
+    for a, b in zip(z, audit):
+        np.testing.assert_allclose(a.detach().numpy(), b, rtol=1e-5, atol=1e-5)
+    assert all(v.requires_grad for v in z)
+
+
+@pytest.fixture(scope="module")
+def untrained_clip():
+    net, proc = build_reference_model(arch="clip", preset="tiny", words=vocabulary(), seed=0)
+    return make_adapter(net, proc, family=family_of(net.config.model_type), device="cpu")
+
+
+def test_dual_example_losses_depend_on_their_own_example_only(untrained_clip, tiny_data):
+    """With choices: the cross-entropy of the audit's closed-choice scores; without: 1 − cos to
+    the example's own text. The same in any batch, and no gradient reaches the text tower."""
+    adapter = declared_only(untrained_clip)
+    data = Dataset.load(tiny_data)
+    batch = _mixed_batch(data)
+    losses = dual_example_losses(adapter, data, batch, text_of=training_text)
+    for i, e in enumerate(batch):
+        alone = dual_example_losses(adapter, data, [e], text_of=training_text)
+        assert float(losses[i]) == pytest.approx(float(alone[0]), rel=1e-5, abs=1e-6)
+        with torch.no_grad():
+            if e.choices:
+                s = adapter.score([Query(e.prompt, data.image(e), e.choices)])[0]
+                want = F.cross_entropy(torch.tensor(s)[None], torch.tensor([e.choices.index(e.answer)]))
+            else:
+                img = adapter.image_embeddings([data.image(e)])[0]
+                want = 1 - img @ adapter.text_embeddings([training_text(e)])[0]
+        assert float(losses[i]) == pytest.approx(float(want), rel=1e-4, abs=1e-5)
+    untrained_clip.model.zero_grad(set_to_none=True)
+    losses.sum().backward()
+    model = untrained_clip.model
+    assert all(p.grad is None for p in model.text_model.parameters())
+    assert any(p.grad is not None for p in model.vision_model.parameters())
