@@ -3,10 +3,13 @@
 Each check runs on a model saved with `save_pretrained` and loaded back exactly like a
 user's model: adapter kind, image spans against the features the model really scatters,
 log-prob scoring (batch invariance, multi-token sums), no-op hooks, generation, and the
-dual encoders' scores against the model's own logits.
+dual encoders' scores against the model's own logits. Then the registry itself: every
+generative family has a tiny model here, a family the installed transformers lacks is
+unavailable, an unknown model_type names the supported ones.
 """
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -16,9 +19,11 @@ from PIL import Image
 
 from audit.adapters import Query, load_adapter
 from audit.adapters.dual import DualEncoderAdapter, candidate_text
+from audit.adapters.families import families, family_of
 from audit.adapters.generative import GenerativeAdapter
+from audit.adapters.sites import resolve
 from audit.errors import InputError, UnsupportedError
-from family_models import DUAL, FAMILIES, GENERATIVE, build_family
+from family_models import DUAL, FAMILIES, GENERATIVE, MODEL_TYPE, NEEDS, build_family
 
 COLOURS = ("red", "green", "blue", "yellow")
 PROMPT = "what colour are the shapes?"
@@ -51,6 +56,8 @@ def family_dir(tmp_path_factory):
     built = {}
 
     def get(name):
+        for package in NEEDS.get(name, ()):  # transformers' own processor for the family needs it
+            pytest.importorskip(package, reason=f"{name}'s processor needs {package}")
         if name not in built:
             built[name] = build_family(name, path=tmp_path_factory.mktemp("families") / name)
         return built[name]
@@ -65,15 +72,29 @@ def adapter(family_dir):
     def get(name):
         if name not in cache:
             cache[name] = load_adapter(family_dir(name))
+        if name == "llama4":
+            _xfail_if_llama4_forward_is_broken(cache[name])
         return cache[name]
 
     return get
 
 
+def _xfail_if_llama4_forward_is_broken(a) -> None:
+    # transformers 5.24's Llama4ForConditionalGeneration.forward returns `outputs.image_outputs`,
+    # which its language model's output lacks (5.17 runs): an upstream bug, not the adapter's.
+    try:
+        with torch.no_grad():
+            a.forward(a.encode([Query(PROMPT, _img(), COLOURS)]))
+    except AttributeError as exc:
+        if "image_outputs" not in str(exc):
+            raise
+        pytest.xfail(f"upstream transformers bug in Llama4ForConditionalGeneration.forward ({exc})")
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_load_adapter_gives_the_right_kind(adapter, family):
     a = adapter(family)
-    assert a.architecture == family
+    assert a.architecture == MODEL_TYPE.get(family, family)
     assert isinstance(a, GenerativeAdapter if family in GENERATIVE else DualEncoderAdapter)
     assert a.capabilities.kind == ("generative" if family in GENERATIVE else "dual_encoder")
     if family in GENERATIVE:
@@ -105,9 +126,9 @@ def test_image_span_is_where_the_model_puts_image_features(adapter, family, size
     a = adapter(family)
     enc = a.encode([Query(PROMPT, _img(size), COLOURS)])
     spans = a.image_spans(enc.input_ids)[0]
-    assert len(spans) == 1 and a.capabilities.fusion == "early"
+    assert spans and {sp.image_index for sp in spans} == {0} and a.capabilities.fusion == "early"
     positions = _scattered_positions(a, enc).tolist()
-    assert positions == list(range(spans[0].start, spans[0].end))
+    assert positions == [p for sp in spans for p in range(sp.start, sp.end)]
 
 
 def test_mllama_has_one_placeholder_and_cross_attention(adapter):
@@ -125,11 +146,11 @@ def test_fallback_template_places_the_image_like_the_chat_template(adapter, fami
     monkeypatch.setattr(a.processor, "chat_template", None)
     enc = a.encode([Query(PROMPT, _img(), COLOURS)])
     spans = a.image_spans(enc.input_ids)[0]
-    assert len(spans) == 1
+    assert spans and {sp.image_index for sp in spans} == {0}
     if family == "mllama":
-        assert len(spans[0]) == 1
+        assert [len(sp) for sp in spans] == [1]
     else:
-        assert _scattered_positions(a, enc).tolist() == list(range(spans[0].start, spans[0].end))
+        assert _scattered_positions(a, enc).tolist() == [p for sp in spans for p in range(sp.start, sp.end)]
 
 
 @pytest.mark.parametrize("family", ["llava", "gemma3"])
@@ -244,3 +265,144 @@ def test_a_folder_whose_processor_cannot_load_is_an_input_error(family_dir, tmp_
     (broken / "processor_config.json").unlink()  # the image processor's settings live there
     with pytest.raises(InputError, match="processor"):
         load_adapter(broken)
+
+
+# ---------------------------------------------------------------------------- family specifics
+def _block_io(a, enc, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output of decoder block i, input of block i + 1) for one forward."""
+    seen = {}
+
+    def out(m, args, o):
+        seen["out"] = o[0] if isinstance(o, tuple) else o
+
+    def nxt(m, args, kwargs):
+        seen["in"] = args[0] if args else kwargs["hidden_states"]
+
+    h1 = a.site_module(f"language.blocks.{i}.resid").register_forward_hook(out)
+    h2 = a.site_module(f"language.blocks.{i + 1}.resid").register_forward_pre_hook(nxt, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            a.forward(enc)
+    finally:
+        h1.remove()
+        h2.remove()
+    return seen["out"], seen["in"]
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe"])
+def test_deepstack_adds_vision_features_at_the_image_span_between_blocks(adapter, family):
+    # What the family's notes warn about: the image positions change between block 0 and 1.
+    a = adapter(family)
+    enc = a.encode([Query(PROMPT, _img(), COLOURS)])
+    out, nxt = _block_io(a, enc, 0)
+    changed = (out != nxt).any(-1)[0].nonzero().flatten().tolist()
+    assert changed == [p for sp in a.image_spans(enc.input_ids)[0] for p in range(sp.start, sp.end)]
+
+
+@pytest.mark.parametrize("family", ["mistral3", "llava_pixtral", "llama4"])
+def test_an_image_of_rows_or_tiles_is_one_image_of_several_spans(adapter, family):
+    a = adapter(family)
+    enc = a.encode([Query(PROMPT, _img((48, 40)), COLOURS), Query(PROMPT, _img((48, 40)), COLOURS)])
+    for spans in a.image_spans(enc.input_ids):
+        assert len(spans) > 1 and {sp.image_index for sp in spans} == {0}
+        if family == "llama4":  # each tile (and the global view) is a square of patches
+            assert all(sp.grid and sp.grid[0] * sp.grid[1] == len(sp) for sp in spans)
+        else:  # each span is one row of a Pixtral image
+            assert all(sp.grid is None for sp in spans)
+
+
+@pytest.mark.parametrize("family", ["idefics3", "smolvlm"])
+def test_a_split_image_is_one_image_of_several_spans(adapter, family, monkeypatch):
+    # Released checkpoints split large images into tiles plus a global view.
+    a = adapter(family)
+    monkeypatch.setattr(a.processor.image_processor, "do_image_splitting", True)
+    monkeypatch.setattr(a.processor.image_processor, "size", {"longest_edge": 64})  # twice the tile
+    enc = a.encode([Query(PROMPT, _img((64, 32)), COLOURS), Query(PROMPT, _img((64, 32)), COLOURS)])
+    spans = a.image_spans(enc.input_ids)
+    assert len(spans[0]) == 3 and {sp.image_index for sp in spans[0]} == {0}  # 2 tiles and the global view
+    assert all(sp.grid == (2, 2) for sp in spans[0])
+    assert _scattered_positions(a, enc).tolist() == [p for sp in spans[0] for p in range(sp.start, sp.end)]
+
+
+def test_internvl_writes_a_tiled_image_as_one_span(adapter):
+    a = adapter("internvl")
+    enc = a.encode([Query(PROMPT, _img((64, 32)), COLOURS)])
+    spans = a.image_spans(enc.input_ids)[0]
+    assert [len(sp) for sp in spans] == [3 * 4]  # two tiles and the thumbnail, 4 tokens each
+    assert _scattered_positions(a, enc).tolist() == list(range(spans[0].start, spans[0].end))
+
+
+def test_paligemma_refuses_a_text_only_query(adapter):
+    with pytest.raises(UnsupportedError, match="image"):
+        adapter("paligemma").score([Query(PROMPT, None, COLOURS)])
+
+
+# The generic question_mask counts a token the processor adds after the image (outside the
+# rendered text) as part of the question: audit/adapters/generative.py, reported.
+_IMAGE_CLOSER_IN_QUESTION = {"idefics3", "gemma3", "internvl", "smolvlm", "mistral3", "llava_pixtral", "llama4"}
+
+
+@pytest.mark.parametrize("family", [
+    pytest.param(f, marks=pytest.mark.xfail(strict=True, reason="image-closing token counted as question"))
+    if f in _IMAGE_CLOSER_IN_QUESTION else f for f in GENERATIVE])
+def test_question_mask_is_exactly_the_prompt(adapter, family):
+    a = adapter(family)
+    enc = a.encode([Query(PROMPT, _img(), COLOURS)])
+    ids = enc.input_ids[0][a.question_mask(enc)[0]].tolist()
+    assert ids == a.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+
+
+# ---------------------------------------------------------------------------- the registry
+@pytest.mark.parametrize("model_type", sorted(n for n, f in families().items() if f.kind == "generative"))
+def test_site_map_resolves_on_the_real_size_architecture(model_type):
+    # The config class's defaults are the released model's sizes; built on the meta device.
+    import transformers
+
+    fam = family_of(model_type)
+    cfg = getattr(transformers, fam.requires_class)()
+    text = cfg.get_text_config()
+    if (text.pad_token_id or 0) >= text.vocab_size:  # transformers 5.17's Idefics3/SmolVLM defaults disagree
+        text.pad_token_id = None
+    with torch.device("meta"):
+        model = getattr(transformers, fam.auto_class).from_config(cfg)
+    sites = fam.sites
+    assert len(resolve(model, sites.language_layers)) == cfg.get_text_config().num_hidden_layers
+    assert len(resolve(model, sites.vision_layers)) > 0
+    assert isinstance(resolve(model, sites.embed), torch.nn.Embedding)
+    resolve(model, sites.projector)
+    assert getattr(cfg, sites.image_token_attr) is not None
+
+
+def test_a_llava_checkpoint_with_a_pixtral_tower_resolves_its_vision_blocks():
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    cfg = LlavaConfig(vision_config={"model_type": "pixtral"}, text_config={"model_type": "mistral"})
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(cfg)
+    blocks = resolve(model, family_of("llava").sites.vision_layers)
+    assert blocks is model.model.vision_tower.transformer.layers and len(blocks) == cfg.vision_config.num_hidden_layers
+
+
+def test_every_registered_generative_family_has_a_tiny_model():
+    registered = {name for name, fam in families().items() if fam.kind == "generative"}
+    assert registered == {MODEL_TYPE.get(f, f) for f in GENERATIVE}
+
+
+@pytest.mark.parametrize("model_type", sorted(n for n, f in families().items() if f.requires_class))
+def test_a_family_the_installed_transformers_lacks_is_unavailable(model_type, tmp_path, monkeypatch):
+    import transformers
+
+    needed = family_of(model_type).requires_class
+    assert getattr(transformers, needed, None) is not None  # present here ...
+    monkeypatch.setattr(transformers, needed, None)  # ... and gone, as in an older install
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    with pytest.raises(UnsupportedError, match=f"has no {needed}; upgrade transformers to audit {model_type}"):
+        load_adapter(tmp_path)
+
+
+def test_an_unknown_model_type_lists_the_supported_ones(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "no_such_vlm"}))
+    with pytest.raises(UnsupportedError, match="unsupported architecture 'no_such_vlm'") as err:
+        load_adapter(tmp_path)
+    listed = str(err.value).split("supported: ", 1)[1]
+    assert set(listed.split(", ")) == set(families())

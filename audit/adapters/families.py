@@ -58,8 +58,38 @@ def register_family(family: Family) -> Family:
     return family
 
 
+_PIXTRAL = "audit.adapters.tiled:PixtralAdapter"
+_DEEPSTACK = ("DeepStack adds vision-block features to the image positions after the first decoder blocks, "
+              "outside the block modules and the projector: a hook on `projector` does not reach them.")
+# model_type -> the transformers config class it needs, a custom adapter where the generic one
+# is not enough, and what a user should know.
+_GENERATIVE = {
+    "llava": dict(requires_class="LlavaConfig", adapter=_PIXTRAL,
+                  notes="Pixtral-12B is a llava checkpoint with a Pixtral tower (its processor needs torchvision)."),
+    "llava_next": dict(requires_class="LlavaNextConfig"),
+    "llava_onevision": dict(requires_class="LlavaOnevisionConfig"),
+    "gemma3": dict(requires_class="Gemma3Config"),
+    "paligemma": dict(requires_class="PaliGemmaConfig", adapter="audit.adapters.paligemma:PaliGemmaAdapter",
+                      notes="Every prompt needs an image (prefix-LM)."),
+    "qwen2_vl": dict(requires_class="Qwen2VLConfig"),
+    "qwen2_5_vl": dict(requires_class="Qwen2_5_VLConfig"),
+    "qwen3_vl": dict(requires_class="Qwen3VLConfig", notes=_DEEPSTACK),
+    "qwen3_vl_moe": dict(requires_class="Qwen3VLMoeConfig",
+                         notes=_DEEPSTACK + " Decoder MLPs are mixtures of experts."),
+    "internvl": dict(requires_class="InternVLConfig"),
+    "mistral3": dict(requires_class="Mistral3Config", adapter=_PIXTRAL,
+                     notes="Its PixtralProcessor needs torchvision."),
+    "idefics3": dict(requires_class="Idefics3Config", adapter="audit.adapters.idefics3:Idefics3Adapter"),
+    "smolvlm": dict(requires_class="SmolVLMConfig", adapter="audit.adapters.smolvlm:SmolVLMAdapter",
+                    notes="Its processor needs num2words."),
+    "llama4": dict(requires_class="Llama4Config", adapter="audit.adapters.tiled:Llama4Adapter",
+                   notes="Its image processor needs torchvision. Decoder MLPs are mixtures of experts. "
+                         "transformers 5.24's Llama4ForConditionalGeneration.forward raises AttributeError "
+                         "('image_outputs'); 5.17 runs."),
+    "mllama": dict(requires_class="MllamaConfig"),
+}
 for _name, _sites in GENERATIVE_FAMILIES.items():
-    register_family(Family(_name, "generative", _sites))
+    register_family(Family(_name, "generative", _sites, **_GENERATIVE.get(_name, {})))
 for _name in DUAL_FAMILIES:
     register_family(Family(_name, "dual_encoder", auto_class="AutoModel"))
 

@@ -130,7 +130,13 @@ def load_model(model: str | Path, *, device: str | None = "cpu", dtype: str | No
         kwargs["device_map"] = device_map  # accelerate places the layers; hooks move activations between devices
     auto = getattr(transformers, family.auto_class)
     try:
-        net, info = auto.from_pretrained(path, **kwargs)
+        try:
+            net, info = auto.from_pretrained(path, **kwargs)
+        except ValueError as exc:
+            if "scaled_dot_product_attention" not in str(exc):
+                raise
+            # Some architectures (Gemma 2 inside PaliGemma 2) have no SDPA path: eager attention is exact, slower
+            net, info = auto.from_pretrained(path, **{**kwargs, "attn_implementation": "eager"})
     except (OSError, ValueError, RuntimeError) as exc:
         msg = " ".join(str(exc).split())[:300]
         raise InputError(f"the checkpoint does not load ({type(exc).__name__}: {msg})", where=str(path)) from exc

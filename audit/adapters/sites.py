@@ -11,7 +11,7 @@ run on the unmodified model with its SDPA kernels.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 __all__ = ["FamilySites", "GENERATIVE_FAMILIES", "DUAL_FAMILIES", "resolve"]
 
@@ -41,21 +41,36 @@ _QWEN = FamilySites(
     vision_layers="model.visual.blocks",
     image_token_attr="image_token_id",
 )
+_IDEFICS3 = FamilySites(
+    language_layers="model.text_model.layers",
+    embed="model.text_model.embed_tokens",
+    projector="model.connector",
+    vision_layers="model.vision_model.encoder.layers",
+    image_token_attr="image_token_id",
+)
 
 GENERATIVE_FAMILIES: dict[str, FamilySites] = {
-    "llava": _LLAVA,
+    # Pixtral-12B is a `llava` checkpoint whose vision tower is Pixtral's, not CLIP's.
+    "llava": replace(_LLAVA, vision_layers=f"{_LLAVA.vision_layers}|model.vision_tower.transformer.layers"),
     "llava_next": _LLAVA,
     "llava_onevision": _LLAVA,
     "gemma3": _LLAVA,
+    "paligemma": _LLAVA,
     "qwen2_vl": _QWEN,
     "qwen2_5_vl": _QWEN,
-    "idefics3": FamilySites(
-        language_layers="model.text_model.layers",
-        embed="model.text_model.embed_tokens",
-        projector="model.connector",
-        vision_layers="model.vision_model.encoder.layers",
-        image_token_attr="image_token_id",
+    "qwen3_vl": _QWEN,
+    "qwen3_vl_moe": _QWEN,
+    "internvl": replace(_LLAVA, vision_layers="model.vision_tower.encoder.layer"),
+    "mistral3": replace(_LLAVA, vision_layers="model.vision_tower.transformer.layers"),  # Pixtral tower
+    "llama4": FamilySites(  # no `model.` wrapper: the language model is a whole Llama4ForCausalLM
+        language_layers="language_model.model.layers",
+        embed="language_model.model.embed_tokens",
+        projector="multi_modal_projector",
+        vision_layers="vision_model.model.layers",
+        image_token_attr="image_token_id",  # the <|patch|> token the features replace
     ),
+    "idefics3": _IDEFICS3,
+    "smolvlm": _IDEFICS3,
     "mllama": FamilySites(
         language_layers="model.language_model.layers",
         embed="model.language_model.embed_tokens",
@@ -72,7 +87,18 @@ DUAL_FAMILIES = ("clip", "siglip", "siglip2", "vision-text-dual-encoder")
 
 
 def resolve(root, path: str):
-    """The submodule at dotted `path` (ModuleList indices included)."""
+    """The submodule at dotted `path` (ModuleList indices included); in `a|b` the first
+    alternative that exists (one model_type, several possible towers)."""
+    *alternatives, last = path.split("|")
+    for alt in alternatives:
+        try:
+            return _walk(root, alt)
+        except AttributeError:
+            continue
+    return _walk(root, last)
+
+
+def _walk(root, path: str):
     mod = root
     for part in path.split("."):
         mod = mod[int(part)] if part.isdigit() else getattr(mod, part)
