@@ -4,7 +4,10 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["probability", "positive_int", "positive_float", "seed", "batch_size", "port", "image_size"]
+__all__ = ["probability", "positive_int", "positive_float", "seed", "batch_size", "port", "image_size", "device",
+           "DTYPE_CHOICES"]
+
+DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 
 
 def _number(text: str, kind):
@@ -61,3 +64,10 @@ def image_size(text: str) -> int:
     if not 16 <= value <= 1024:
         raise argparse.ArgumentTypeError(f"must be between 16 and 1024 pixels, got {value}")
     return value
+
+
+def device(text: str) -> str:
+    """cpu, cuda, cuda:N or auto (whether the GPU exists is checked when the model loads)."""
+    if text in ("cpu", "cuda", "auto") or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"must be cpu, cuda, cuda:N or auto, got {text!r}")

@@ -9,7 +9,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from audit.argtypes import image_size, port, positive_float, positive_int, probability, seed
+from audit.argtypes import DTYPE_CHOICES, device, image_size, port, positive_float, positive_int, probability, seed
 from audit.errors import InputError
 
 __all__ = ["main", "build_parser", "COMMAND_MODULES"]
@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, metavar="MODEL_DIR")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=port, default=8000)
-    s.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    s.add_argument("--device", default="cpu", type=device, metavar="{cpu,cuda,cuda:N,auto}")
+    s.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="weights' dtype (default auto: the checkpoint's; bfloat16 on a GPU when it says float32)")
     s.add_argument("--max-batch", type=positive_int, default=16, help="requests scored together (default 16)")
     s.add_argument("--request-timeout", type=positive_float, default=120.0,
                    help="every request is answered or rejected within this many seconds (default 120)")

@@ -14,10 +14,22 @@ def _err(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
+def _replaceable(out: Path, *, marker: str, what: str) -> None:
+    """--overwrite replaces only a folder this command wrote before (it holds `marker`) or an empty one."""
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).exists():
+        raise InputError(f"--overwrite only replaces {what} written by mmaudit (with {marker}); this folder holds "
+                         "something else and is kept", where=str(out))
+
+
 def cmd_reference(args: argparse.Namespace) -> int:
+    from audit.paths import check_output
+
+    out = Path(args.out).expanduser()
     if args.reference_command == "data":
         from reference_models.synthetic import generate
 
+        if args.overwrite:
+            _replaceable(out, marker="datacard.json", what="a dataset folder")
         card = generate(args.out, n=args.n, bias=args.bias, seed=args.seed, image_size=args.image_size,
                         overwrite=args.overwrite)
         counts = card["counts"]
@@ -25,6 +37,9 @@ def cmd_reference(args: argparse.Namespace) -> int:
         return 0
     from reference_models.train import train_reference
 
+    check_output(out, inputs=[("--data", args.data)])
+    if args.overwrite and not (out / "checkpoint").is_dir():
+        _replaceable(out, marker="reference.json", what="a reference model folder")
     metrics = train_reference(arch=args.arch, preset=args.preset, variant=args.variant, data_dir=args.data,
                               out_dir=args.out, device=args.device, seed=args.seed, text_encoder=args.text_encoder,
                               epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, overwrite=args.overwrite)
@@ -37,7 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from reference_models.serve import serve
 
     serve(model_dir=args.model, host=args.host, port=args.port, device=args.device, max_batch=args.max_batch,
-          request_timeout=args.request_timeout)
+          request_timeout=args.request_timeout, dtype=args.dtype)
     return 0
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from audit.argtypes import positive_float, positive_int
+from audit.argtypes import DTYPE_CHOICES, device, positive_float, positive_int, seed
 
 __all__ = ["add_commands", "cmd_defend_debias", "cmd_defend_dp"]
 
@@ -18,6 +18,23 @@ def _probability(text: str) -> float:
 
 def _log(msg: str) -> None:
     print(f"mmaudit: {msg}", file=sys.stderr)
+
+
+def _prepare(args: argparse.Namespace):
+    """Check OUT against both inputs before any work; open the model in the chosen dtype."""
+    import functools
+
+    from audit.adapters.loading import resolve_device
+    from audit.paths import check_output
+
+    check_output(args.out, inputs=[("--model", args.model), ("--data", args.data)])
+    return resolve_device(args.device), functools.partial(_open, dtype=args.dtype)
+
+
+def _open(model_dir, *, device, dtype):
+    from audit.adapters.loading import load_adapter
+
+    return load_adapter(model_dir, device=device, dtype=dtype)
 
 
 def add_commands(sub) -> None:
@@ -49,8 +66,10 @@ def add_commands(sub) -> None:
     dp.add_argument("--lr", type=positive_float, help="learning rate (default 5e-3 lora, 1e-3 full)")
     dp.add_argument("--max-grad-norm", type=positive_float, default=1.0, help="per-example clipping norm C")
     dp.add_argument("--lora-r", type=positive_int, default=8)
-    dp.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
-    dp.add_argument("--seed", type=int, default=0)
+    dp.add_argument("--device", default="cpu", type=device, metavar="{cpu,cuda,cuda:N,auto}")
+    dp.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES,
+                    help="weights' dtype while training (default float32: DP noise and clipping want full precision)")
+    dp.add_argument("--seed", type=seed, default=0)
     dp.add_argument("--overwrite", action="store_true", help="replace an existing MODEL_DIR2")
     dp.set_defaults(handler=cmd_defend_dp)
 
@@ -68,22 +87,23 @@ def add_commands(sub) -> None:
     db.add_argument("--attribute", default="group", help="protected attribute for the residual adversary")
     db.add_argument("--residual-directions", type=positive_int, default=16,
                     help="residual: most directions removed from the image embedding")
-    db.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
-    db.add_argument("--seed", type=int, default=0)
+    db.add_argument("--device", default="cpu", type=device, metavar="{cpu,cuda,cuda:N,auto}")
+    db.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="weights' dtype while training")
+    db.add_argument("--seed", type=seed, default=0)
     db.add_argument("--overwrite", action="store_true", help="replace an existing MODEL_DIR2")
     db.set_defaults(handler=cmd_defend_debias)
 
 
 def cmd_defend_dp(args: argparse.Namespace) -> int:
-    from audit.adapters.loading import resolve_device
     from defenses.dp import DPConfig, dp_finetune
 
     config = DPConfig(target_epsilon=args.target_epsilon, delta=args.delta, epochs=args.epochs,
                       batch_size=args.batch_size, physical_batch_size=args.physical_batch_size, lr=args.lr,
                       max_grad_norm=args.max_grad_norm, mode=args.mode, lora_r=args.lora_r,
                       accountant=args.accountant, grad_sample_mode=args.grad_sample_mode, seed=args.seed)
+    dev, factory = _prepare(args)
     rec = dp_finetune(model_dir=args.model, data_dir=args.data, out_dir=args.out, config=config,
-                      device=resolve_device(args.device), overwrite=args.overwrite, log=_log)
+                      device=dev, overwrite=args.overwrite, log=_log, adapter_factory=factory)
     p, u = rec["privacy"], rec["utility"]
     print(f"saved {args.out}: ε = {p['epsilon']:.3f} (target {p['target_epsilon']}) at δ = {p['delta']:.3g}, "
           f"{p['accountant']} accountant, {p['steps']} steps, noise multiplier {p['noise_multiplier']:.3f}; "
@@ -93,14 +113,14 @@ def cmd_defend_dp(args: argparse.Namespace) -> int:
 
 
 def cmd_defend_debias(args: argparse.Namespace) -> int:
-    from audit.adapters.loading import resolve_device
     from defenses.debias import DebiasConfig, debias
 
     config = DebiasConfig(method=args.method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           clp_weight=args.clp_weight, attribute=args.attribute, residual_directions=args.residual_directions,
                           seed=args.seed)
+    dev, factory = _prepare(args)
     rec = debias(model_dir=args.model, data_dir=args.data, out_dir=args.out, config=config,
-                 device=resolve_device(args.device), overwrite=args.overwrite, log=_log)
+                 device=dev, overwrite=args.overwrite, log=_log, adapter_factory=factory)
     u, f = rec["utility"], rec["fairness"]
     flips = ", ".join(f"{g} {f['before']['flip_rate'].get(g, float('nan')):.3f} -> {v:.3f}"
                       for g, v in sorted(f["after"].get("flip_rate", {}).items()))

@@ -65,6 +65,9 @@ def check_out(out: str | os.PathLike, *, model: str | os.PathLike, overwrite: bo
         raise InputError("output path exists and is not a folder", where=str(out))
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise InputError(ERR_OUT_EXISTS, where=str(out))
+    if out.is_dir() and any(out.iterdir()) and not (out / "defense.json").is_file():
+        raise InputError("--overwrite only replaces a model folder written by mmaudit defend (with defense.json); "
+                         "this folder holds something else and is kept", where=str(out))
     return out
 
 

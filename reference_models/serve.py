@@ -608,14 +608,14 @@ def create_app(*, adapter, model_name: str, limits: Limits | None = None):
     return app
 
 
-def load_generative(*, model_dir: str, device: str = "cpu"):
+def load_generative(*, model_dir: str, device: str = "cpu", dtype: str | None = None):
     """A generative white-box adapter for a local folder; dual encoders and URLs are refused."""
     from audit.adapters import load_adapter
     from audit.adapters.base import GenerativeWhiteBox
 
     if str(model_dir).startswith(("http://", "https://")):
         raise InputError("serve needs a local model folder, not a URL", where=str(model_dir))
-    adapter = load_adapter(model_dir, device=device)
+    adapter = load_adapter(model_dir, device=device, dtype=dtype)
     if not isinstance(adapter, GenerativeWhiteBox):
         raise InputError("only generative models can be served as chat completions "
                          f"({adapter.architecture} is a {adapter.capabilities.kind})", where=str(model_dir))
@@ -632,7 +632,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def serve(*, model_dir: str, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu", max_batch: int = 16,
-          request_timeout: float = 120.0) -> None:
+          request_timeout: float = 120.0, dtype: str | None = None) -> None:
     """Serve MODEL_DIR until SIGTERM or Ctrl-C. Arguments are checked before the model loads."""
     import uvicorn
 
@@ -645,7 +645,7 @@ def serve(*, model_dir: str, host: str = "127.0.0.1", port: int = 8000, device: 
     if not _is_loopback(host):
         print(f"mmaudit: warning: binding {host}; the server has no authentication and anyone who can reach this "
               "address can use the model", file=sys.stderr)
-    adapter = load_generative(model_dir=model_dir, device=device)
+    adapter = load_generative(model_dir=model_dir, device=device, dtype=dtype)
     limits = Limits(max_batch=max_batch, request_timeout_s=float(request_timeout))
     app = create_app(adapter=adapter, model_name=Path(model_dir).resolve().name, limits=limits)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=limits.shutdown_grace_s,
