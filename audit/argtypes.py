@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["probability", "positive_int", "positive_float", "seed", "batch_size", "port", "image_size", "device",
+__all__ = ["probability", "positive_int", "positive_float", "nonnegative_int", "nonnegative_float", "seed", "batch_size", "port", "image_size", "device",
            "DTYPE_CHOICES"]
 
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
@@ -71,3 +71,17 @@ def device(text: str) -> str:
     if text in ("cpu", "cuda", "auto") or (text.startswith("cuda:") and text[5:].isdigit()):
         return text
     raise argparse.ArgumentTypeError(f"must be cpu, cuda, cuda:N or auto, got {text!r}")
+
+
+def nonnegative_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    value = _number(text, float)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value

@@ -48,6 +48,11 @@ class RunConfig(BaseModel):
     concurrency: int = Field(default=4, ge=1)
     timeout: float = Field(default=60.0, gt=0, allow_inf_nan=False)
     header: list[str] | None = None
+    executor: Literal["local", "ray"] = "local"
+    workers: int = Field(default=2, ge=1)
+    ray_address: str | None = None
+    gpus_per_worker: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    max_retries: int = Field(default=2, ge=0)
 
     @model_validator(mode="after")
     def _one_source(self) -> "RunConfig":

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from audit.argtypes import batch_size, positive_float, positive_int, seed
+from audit.argtypes import batch_size, nonnegative_float, nonnegative_int, positive_float, positive_int, seed
 from audit.errors import InputError
 
 __all__ = ["add_commands", "cmd_run", "RUN_DEFAULTS", "resolve_run_options"]
@@ -21,7 +21,8 @@ RUN_DEFAULTS = {"model": None, "endpoint": None, "data": None, "suite": None, "p
                 "max_examples": None, "parent": None, "yes": False, "dtype": "auto", "device_map": None,
                 "revision": None, "trust_remote_code": False, "allow_missing_weights": False, "force": False,
                 "log_samples": False, "score_mode": "logprob", "max_new_tokens": 32, "api_key_env": None,
-                "endpoint_model": None, "concurrency": 4, "timeout": 60.0, "header": None}
+                "endpoint_model": None, "concurrency": 4, "timeout": 60.0, "header": None,
+                "executor": "local", "workers": 2, "ray_address": None, "gpus_per_worker": None, "max_retries": 2}
 CONFIRM_SECONDS = 600  # ask before an interactive run estimated to take longer than this
 
 
@@ -81,6 +82,15 @@ def add_commands(sub) -> None:
     e.add_argument("--concurrency", type=positive_int, help="requests in flight at once (default 4)")
     e.add_argument("--timeout", type=positive_float, help="total deadline per request in seconds (default 60)")
     e.add_argument("--header", action="append", metavar='"K: V"', help="extra HTTP header (repeatable)")
+    x = r.add_argument_group("where the work runs")
+    x.add_argument("--executor", choices=("local", "ray"),
+                   help="local (default): this process; ray: work units spread over Ray actors, each holding a "
+                        "model replica (install mmaudit[ray]; see the README)")
+    x.add_argument("--workers", type=positive_int, help="ray: number of actors (default 2)")
+    x.add_argument("--ray-address", metavar="ADDR", help="ray: join this cluster (default: start a local one)")
+    x.add_argument("--gpus-per-worker", type=nonnegative_float, help="ray: GPUs per actor (default 1 when the "
+                                                                      "model runs on a GPU, else 0)")
+    x.add_argument("--max-retries", type=nonnegative_int, help="ray: restarts of a lost worker (default 2)")
     r.add_argument("--log-samples", action="store_true",
                    help="write RUN_DIR/samples.parquet: every scored query's rendered prompt, variant, candidate "
                         "scores and generated text (docs/format.md)")
@@ -119,6 +129,32 @@ def resolve_run_options(args: argparse.Namespace) -> dict:
     if opts["model"] and opts["endpoint"]:
         raise InputError("give --model or --endpoint, not both", where="mmaudit run")
     return opts
+
+
+def _executor(opts: dict, *, model: str, model_info: dict, adapter):
+    """None (the runner's local executor) or a RayExecutor loading the same model in every actor.
+    Executor settings stay out of the run's identity: a run resumes under either executor."""
+    if opts["executor"] != "ray":
+        if any(opts[k] != RUN_DEFAULTS[k] for k in ("ray_address", "gpus_per_worker")):
+            raise InputError("--ray-address and --gpus-per-worker need --executor ray", where="mmaudit run")
+        return None
+    if opts["score_mode"] == "generate":
+        raise InputError("--score-mode generate runs with the local executor only", where="--executor")
+    try:
+        from audit.executors.ray_executor import RayExecutor
+    except ImportError as exc:
+        raise InputError("the ray executor needs Ray: pip install 'mmaudit[ray]'", where="--executor") from exc
+    gpus = opts["gpus_per_worker"]
+    if gpus is None:
+        gpus = 1.0 if str(adapter.device).startswith("cuda") else 0.0
+    load = {"dtype": model_info.get("dtype") or opts["dtype"], "device_map": opts["device_map"],
+            "revision": model_info.get("commit") or opts["revision"], "trust_remote_code": opts["trust_remote_code"],
+            "allow_missing_weights": opts["allow_missing_weights"]}
+    if opts["endpoint"]:
+        load = {"endpoint_options": _endpoint_options(opts)}
+    return RayExecutor(model=model_info.get("hub_id") or model, load_options=load, workers=opts["workers"],
+                       address=opts["ray_address"], gpus_per_worker=gpus, cpus_per_worker=1.0,
+                       max_retries=opts["max_retries"], identity=model_info["identity"], log=_err)
 
 
 def _endpoint_options(opts: dict) -> dict:
@@ -214,7 +250,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                        parent_run_id=parent, model_info=model_info, log_samples=opts["log_samples"],
                        extra={"dtype": model_info.get("dtype"), "device_map": opts["device_map"],
                               "batch_size_requested": opts["batch_size"], "score_mode": opts["score_mode"]})
-        result = run_audit(spec, adapter=adapter, data=data, log=_err, pre_findings=pre,
+        executor = _executor(opts, model=model, model_info=model_info, adapter=adapter)
+        result = run_audit(spec, adapter=adapter, data=data, log=_err, pre_findings=pre, executor=executor,
                            confirm=None if opts["yes"] else _ask, force=opts["force"])
     finally:
         adapter.close()

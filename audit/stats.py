@@ -125,7 +125,7 @@ def sign_flip_test(diffs, *, n_perm: int = N_RESAMPLES, seed: int = 0) -> float:
     if d.shape[1] == 0:
         return float("nan")
     norms = np.sqrt((d ** 2).sum(axis=1))
-    if not np.any(norms > 0):
+    if not np.any(norms > 0) or d.shape[1] < 2:  # one set: both sign patterns give the same |statistic|
         return 1.0
 
     def statistic(x, y, axis):
@@ -156,7 +156,7 @@ def within_set_permutation_test(cube, *, n_perm: int = N_RESAMPLES, seed: int = 
         return sign_flip_test(c[:, :, 0] - c[:, :, 1], n_perm=n_perm, seed=seed)
     c = c - c.mean(axis=2, keepdims=True)
     total = (c ** 2).sum(axis=(1, 2))
-    if not np.any(total > 0):
+    if not np.any(total > 0) or c.shape[1] < 2:  # one set: every relabelling has the same statistic
         return 1.0
 
     def statistic(*cols, axis):  # each col: (..., m, n_sets) - one label's scores

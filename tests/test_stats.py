@@ -41,6 +41,8 @@ def test_sign_flip_monte_carlo_is_never_zero_and_close_to_exact_rate():
 
 def test_sign_flip_degenerate_cases():
     assert stats.sign_flip_test(np.zeros(5)) == 1.0
+    assert stats.sign_flip_test([0.7]) == 1.0 == _exact_sign_flip(np.array([0.7]))  # one set
+    assert stats.within_set_permutation_test(np.array([[0.1, 0.5, 0.9]])) == 1.0
     assert np.isnan(stats.sign_flip_test([np.nan, np.nan]))
 
 
