@@ -88,6 +88,10 @@ def test_run_rejects_unsupported_architecture_and_pickles(small_data, tmp_path, 
     assert main([*argv, "--model", str(pickled)]) == 2
     assert "safetensors" in _last_err(capsys)
     assert main([*argv, "--model", str(tmp_path / "missing")]) == 2
+    assert "no such model folder" in _last_err(capsys)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([*argv, "--model", str(empty)]) == 2
     assert "config.json" in _last_err(capsys)
 
 
