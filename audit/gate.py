@@ -25,6 +25,10 @@ Several metric rows with the same label are each checked against a threshold; a 
 needs exactly one on each side.
 Exit codes: 0 every rule passed or was skipped, 1 at least one failed, 2 bad input
 (unreadable or invalid policy, missing RUN_DIR/summary.json, regressions without --baseline).
+The output is one table per kind of rule, each under a title saying what its rows check
+(thresholds: limits on this run; regressions: change against the baseline), then a verdict
+line with the counts per kind. A thresholds-only policy (docs/policy.example.yaml) needs no
+baseline: `mmaudit gate RUN_DIR --policy docs/policy.example.yaml` exits 0 or 1.
 """
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from audit.errors import InputError
 
 __all__ = ["Policy", "Threshold", "Regression", "SystemInfo", "load_policy", "load_summary", "evaluate", "verdict",
-           "format_table", "cmd_gate", "ERR_NO_RULES", "ERR_NEEDS_BASELINE", "ERR_NO_SUMMARY", "ERR_NUMBER",
+           "format_table", "cmd_gate", "KINDS", "ERR_NO_RULES", "ERR_NEEDS_BASELINE", "ERR_NO_SUMMARY", "ERR_NUMBER",
            "SCHEMA_VERSIONS"]
 
 ERR_NO_RULES = "the policy has no 'thresholds' and no 'regressions'; nothing to gate"
@@ -333,15 +337,34 @@ def _fmt(x) -> str:
     return f"{x:.4g}" if _finite(x) else "-"
 
 
+KINDS = {"threshold": "Thresholds (limits on this run's metric rows)",
+         "regression": "Regressions (allowed change of each metric row against the baseline)"}
+
+
 def format_table(results: list[dict]) -> str:
+    """The results as one aligned table per kind, each under a title saying what its rows check."""
     header = ["status", "kind", "rule", "value", "baseline", "limit", "reason"]
     rows = [[r["status"].upper(), r["kind"], r["rule"], _fmt(r["value"]), _fmt(r["baseline"]), r["limit"],
              r["reason"]] for r in results]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     widths[-1] = 0  # the reason column is last and unpadded
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
-    lines.insert(1, "  ".join("-" * max(w, 6) for w in widths).rstrip())
-    return "\n".join(lines)
+
+    def line(row):
+        return "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()
+
+    blocks = []
+    for kind, title in KINDS.items():
+        part = [row for row, r in zip(rows, results) if r["kind"] == kind]
+        if part:
+            rule = "  ".join("-" * max(w, 6) for w in widths).rstrip()
+            blocks.append("\n".join([f"{title}: {len(part)} row(s) checked", line(header), rule,
+                                      *map(line, part)]))
+    return "\n\n".join(blocks) if blocks else "no metric row was checked"
+
+
+def _counts(results: list[dict]) -> str:
+    n = {s: sum(r["status"] == s for r in results) for s in ("pass", "fail", "skip")}
+    return f"{n['pass']} passed, {n['fail']} failed, {n['skip']} skipped"
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
@@ -357,8 +380,9 @@ def cmd_gate(args: argparse.Namespace) -> int:
     results = evaluate(policy, summary, baseline)
     print(format_table(results))
     n_fail = sum(r["status"] == "fail" for r in results)
-    n_skip = sum(r["status"] == "skip" for r in results)
     against = f" against baseline {baseline.get('run_id')}" if baseline else ""
-    print(f"\ngate: {'FAIL' if n_fail else 'PASS'} — run {summary.get('run_id')}{against}: "
-          f"{len(results) - n_fail - n_skip} passed, {n_fail} failed, {n_skip} skipped")
+    parts = [f"{kind}s: " + (_counts([r for r in results if r["kind"] == kind]) if rules else "none in the policy")
+             for kind, rules in (("threshold", policy.thresholds), ("regression", policy.regressions))]
+    print(f"\ngate: {'FAIL' if n_fail else 'PASS'} — run {summary.get('run_id')}{against}: {_counts(results)} "
+          f"({'; '.join(parts)})")
     return 1 if n_fail else 0

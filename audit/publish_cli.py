@@ -30,9 +30,11 @@ def _port(text: str) -> int:
 
 def add_commands(sub) -> None:
     r = sub.add_parser("report", help="HTML, PDF or JSON audit report of a run",
-                       description="Write RUN_DIR/report.<format> (or --out): identity, data, protocol, fairness, "
-                                   "safety, interpretability, mitigations, privacy, targets, limitations, SHA-256 "
-                                   "manifest and the EU AI Act / NIST AI RMF / Model Card mapping.")
+                       description="Write RUN_DIR/report.<format> (or --out): a verdict on the cover (the "
+                                   "policy's, else the worst finding), identity, data and its data card, protocol, "
+                                   "fairness, safety, interpretability, privacy, mitigations, targets, the worst "
+                                   "examples (runs recorded with --log-samples), limitations, SHA-256 manifest, the "
+                                   "EU AI Act / NIST AI RMF / Model Card mapping and a glossary of every metric.")
     r.add_argument("run_dir", metavar="RUN_DIR")
     r.add_argument("--format", choices=("html", "pdf", "json"), default="html")
     r.add_argument("--out", metavar="PATH", help="where to write (default RUN_DIR/report.<format>); an existing file "
@@ -45,9 +47,10 @@ def add_commands(sub) -> None:
     r.set_defaults(handler=cmd_report)
 
     g = sub.add_parser("gate", help="check a run against a policy; exit 0 pass, 1 fail, 2 bad input",
-                       description="Thresholds per metric and allowed regressions against a baseline run. A metric "
-                                   "named in the policy but absent from the run fails unless its rule says "
-                                   "'optional: true'. Exit 0 pass, 1 fail, 2 bad input.")
+                       description="Thresholds per metric and allowed regressions against a baseline run, printed "
+                                   "as one table per kind. A thresholds-only policy (docs/policy.example.yaml) needs "
+                                   "no --baseline. A metric named in the policy but absent from the run fails unless "
+                                   "its rule says 'optional: true'. Exit 0 pass, 1 fail, 2 bad input.")
     g.add_argument("run_dir", metavar="RUN_DIR")
     g.add_argument("--policy", required=True, metavar="POLICY.yaml")
     g.add_argument("--baseline", metavar="RUN_DIR", help="run the policy's regressions compare against")

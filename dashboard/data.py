@@ -3,7 +3,9 @@
 The dashboard reads only the store: a DuckDB file opened read-only per query, with fixed
 SQL and bound parameters. A run id is always one the store lists (`runs()`); it is never
 used as a path. Images come from the data folder the store recorded for the run, through
-`audit.report.assets.resolve_image`, which refuses any path that leaves that folder.
+`audit.report.assets.resolve_image`, which refuses any path that leaves that folder. A run's
+transcript is RUN_DIR/samples.parquet of the run folder the store recorded, and nothing else
+(`audit.report.samples.samples_file`: a regular file directly inside that folder).
 Cache keys include the store file's size and mtime, so new runs show up without a restart.
 
 Metrics and rows come back as typed schema-v2 frames (`audit.schema`) whatever wrote them:
@@ -20,12 +22,18 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from audit.report import samples as transcript
 from audit.report.assets import example_image, manifest_record, read_manifest
 from audit.schema import METRIC_BASE, METRIC_COLUMNS, metrics_frame, upgrade_metrics, upgrade_rows
 from audit.store import SCHEMA, default_store_path
 
 __all__ = ["store_path", "stamp", "runs", "run_row", "summary", "metrics", "all_metrics", "findings", "rows",
-           "example_ids", "manifest", "image", "StoreBusy"]
+           "example_ids", "manifest", "image", "ranked_samples", "sample_probes", "StoreBusy",
+           "SAMPLE_VIEW"]
+
+# The transcript columns the sample viewer shows.
+SAMPLE_VIEW = ["probe", "example_id", "variant", "call", "prompt", "rendered_prompt", "image_sha256", "candidates",
+               "scores", "predicted", "generated"]
 
 ENV = "MMAUDIT_STORE"  # set by `mmaudit dashboard --store`
 
@@ -199,3 +207,34 @@ def image(data_dir: str | None, example_id: str | None):
         return None
     rec, _ = manifest_record(manifest(data_dir), example_id)
     return example_image(data_dir, rec)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _samples(run_dir: str, key: tuple, probe: str | None) -> pd.DataFrame:
+    return transcript.read_samples(run_dir, probe=probe, columns=SAMPLE_VIEW)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _sample_probes(run_dir: str, key: tuple) -> list[str]:
+    return transcript.sample_probes(run_dir)
+
+
+def sample_probes(run_dir: str | None) -> list[str]:
+    """Probes with rows in the run's transcript ([] when the run folder has no samples.parquet)."""
+    f = transcript.samples_file(run_dir) if isinstance(run_dir, str) else None
+    return _sample_probes(run_dir, stamp(str(f))) if f is not None else []
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _ranked(run_dir: str, key: tuple, probe: str, data_dir: str | None, manifest_key: tuple) -> pd.DataFrame:
+    return transcript.rank(_samples(run_dir, key, probe), manifest(data_dir))
+
+
+def ranked_samples(run_dir: str | None, probe: str, data_dir: str | None) -> pd.DataFrame:
+    """One probe's transcript ranked worst first (`audit.report.samples.rank`), with the reference
+    answers from the run's data folder; cached until the transcript or the manifest changes."""
+    f = transcript.samples_file(run_dir) if isinstance(run_dir, str) else None
+    if f is None:
+        return transcript.rank(pd.DataFrame(columns=SAMPLE_VIEW), {})
+    mkey = _manifest_stamp(data_dir) if isinstance(data_dir, str) and data_dir else (0, 0)
+    return _ranked(run_dir, stamp(str(f)), probe, data_dir, mkey)

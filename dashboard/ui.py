@@ -16,23 +16,16 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from audit.catalog import PAGES
 from audit.report import evidence, meta
 from audit.report.blocks import num
 from dashboard import data
+from dashboard.nav import COMPARE, HOME, SAMPLES, nav
 
 __all__ = ["context", "Context", "metric_frame", "show_table", "show_figure", "bar_ci", "no_rows", "nav",
-           "probe_panels", "page_probes", "plain_caption", "HOME", "COMPARE"]
+           "probe_panels", "page_probes", "plain_caption", "show_findings", "HOME", "COMPARE", "SAMPLES"]
 
-HOME, COMPARE = "Runs & scorecard", "Run comparison"
+SEVERITY = {"fail": "FAIL", "warning": "WARNING", "info": "info"}
 _MD = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$])")
-
-
-def nav() -> list[tuple[str, str]]:
-    """(page file, title) of every page: the home page, one per catalog page that has a file, the comparison."""
-    pages = Path(__file__).resolve().parent / "pages"
-    return [("app.py", HOME), *((f"pages/{pid}.py", title) for pid, title in PAGES.items()
-                                if (pages / f"{pid}.py").is_file()), ("pages/compare.py", COMPARE)]
 
 
 class Context:
@@ -48,6 +41,11 @@ class Context:
     @property
     def data_dir(self) -> str | None:
         return self.run.get("data_path") if self.run else None
+
+    @property
+    def run_dir(self) -> str | None:
+        """The run folder the store recorded (the only place a page reads run files from)."""
+        return self.run.get("run_dir") if self.run else None
 
     def metrics(self) -> pd.DataFrame:
         return data.metrics(self.path, self.key, self.run_id)
@@ -88,7 +86,7 @@ def context(title: str) -> Context | None:
     path = data.store_path()
     key = data.stamp(path)
     st.sidebar.caption("Store")
-    st.sidebar.code(path, language=None)
+    st.sidebar.code(path, language=None, wrap_lines=True)  # the whole path, wrapped, never cut off
     try:
         runs = data.runs(path, key)
     except data.StoreBusy as exc:
@@ -104,7 +102,12 @@ def context(title: str) -> Context | None:
     if q in set(runs.run_id) and "run_id" not in st.session_state:
         st.session_state["run_id"] = q
     run_id = pick_run(runs, label="Run", key="run_id")
-    return Context(path, key, runs, data.run_row(path, key, run_id))
+    row = data.run_row(path, key, run_id)
+    if row is not None:  # the picker's label is cut off in a narrow sidebar: the whole of it, wrapped
+        st.sidebar.caption("Selected run")
+        st.sidebar.code(f"{_label(runs, run_id)}\nmodel {row.get('model_path')}\nrun folder {row.get('run_dir')}",
+                        language=None, wrap_lines=True)
+    return Context(path, key, runs, row)
 
 
 def _nav() -> None:
@@ -147,6 +150,16 @@ def show_table(df: pd.DataFrame, *, height: int | str = "auto") -> None:
     st.dataframe(df, hide_index=True, height=height)
 
 
+def show_findings(f: pd.DataFrame) -> None:
+    """Every finding in full, wrapped (a table cell would cut long messages off), worst first."""
+    if f.empty:
+        st.text("no findings")
+        return
+    for r in f.to_dict(orient="records"):
+        st.text(f"{SEVERITY.get(str(r.get('severity')), str(r.get('severity')))} · {r.get('probe')}: "
+                f"{r.get('message')}")
+
+
 def show_meanings(df: pd.DataFrame) -> None:
     """The catalog's "what this means" line of every metric in `df`."""
     for line in meta.meanings(df):
@@ -160,9 +173,14 @@ def show_figure(fig: dict | go.Figure, *, key: str | None = None) -> None:
 
 
 def bar_ci(title: str, df: pd.DataFrame, label_col: str | None = None, *, axis: str = "value") -> dict:
-    """Bars with 95% intervals; labels from `label_col`, or from the rows' typed breakdown."""
+    """Bars with 95% intervals; labels from `label_col`, or from the rows' typed breakdown. Rows
+    without a value or of a group without examples (n = 0) get no (blank) bar."""
     from audit.report import figures
 
+    if "n" in df.columns:
+        df = df[df.value.notna() & ~(df.n.notna() & (pd.to_numeric(df.n, errors="coerce").fillna(1) <= 0))]
+    else:
+        df = df[df.value.notna()]
     labels = [str(x) for x in df[label_col]] if label_col else meta.row_labels(df)
     return figures.bar_ci(title, labels, df.value, df.ci_low, df.ci_high, axis=axis)
 

@@ -3,15 +3,18 @@
     python tests/browser_check.py [--screenshots DIR] [--keep DIR]
 
 1. builds a temporary store holding a real run (synthetic data, an untrained tiny LLaVA,
-   the standard probes plus robustness and privacy_audit, a few examples each) and a second
-   run that names the first as its parent;
+   the standard probes plus robustness and privacy_audit, a few examples each, with
+   --log-samples) and a second run that names the first as its parent;
 2. starts the dashboard with the command line `mmaudit dashboard` uses, on a free port,
    bound to 127.0.0.1;
 3. waits for /_stcore/health, then for a rendered page (headless Chromium --dump-dom
    until the page title and the run id are in the DOM);
 4. takes a headless Chromium screenshot and checks it is not blank (enough distinct
-   colours and non-white pixels). With --screenshots DIR it does this for every page and
-   for the HTML report, and writes the PNGs to DIR.
+   colours and non-white pixels). With --screenshots DIR it does this for every page
+   (the sample viewer included), for views of the HTML report at a desktop width (the
+   cover, result sections, the data card, the samples, the glossary) and for pages of the
+   PDF report (pdftoppm), and writes the PNGs to DIR (docs/screenshots/ in the repository),
+   each reduced to a palette PNG of at most MAX_PNG_BYTES.
 
 Exit 0 when every screenshot passes, 1 otherwise (2 when Chromium is missing).
 """
@@ -35,23 +38,29 @@ sys.path.insert(0, str(ROOT))
 
 
 def dashboard_pages() -> tuple[tuple[str, str, str], ...]:
-    """(URL path, page title, screenshot name) of every dashboard page, from the catalog's pages:
-    app.py is the home page, pages/<name>.py is /<name>."""
-    from audit.catalog import PAGES
+    """(URL path, page title, screenshot name) of every dashboard page, from the dashboard's
+    navigation: app.py is the home page, pages/<name>.py is /<name>."""
+    from dashboard.nav import nav
 
-    return (("", "Runs & scorecard", "runs"), *((pid, title, pid) for pid, title in PAGES.items()),
-            ("compare", "Run comparison", "compare"))
+    return tuple(("" if f == "app.py" else Path(f).stem, title, "runs" if f == "app.py" else Path(f).stem)
+                 for f, title in nav())
 
 
-# (file name, section id, window height) of the report screenshots taken with --screenshots
-REPORT_SHOTS = (("report-cover", None, 1500), ("report-fairness", "fairness", 4200),
-                ("report-interpretability", "interpretability", 3400), ("report-mitigations", "mitigations", 2000))
+# (file name, section id, window height) of the report screenshots taken with --screenshots,
+# at a desktop width; the cover is the top of the whole report as users get it
+REPORT_SHOTS = (("report-cover", None, 2300), ("report-fairness", "fairness", 3200),
+                ("report-interpretability", "interpretability", 3200), ("report-mitigations", "mitigations", 2400),
+                ("report-data", "data", 3200), ("report-samples", "samples", 2600),
+                ("report-glossary", "glossary", 2400))
+DESKTOP = 1400
+PDF_PAGES = ("report-pdf-page1", "report-pdf-pages")  # page 1, and the first pages side by side
+MAX_PNG_BYTES = 400_000
 PROBES = ["modality_ablation", "attention", "hallucination", "counterfactual_bias", "group_fairness"]
 EXTRA = ("typographic_attack", "robustness", "privacy_audit")  # used when registered
 MIN_COLOURS = 64
 MIN_INK = 0.02  # share of pixels that are not near-white
 ATTEMPTS = 5
-SHOT_HEIGHT = {"bias": 2400, "modality": 2300}
+SHOT_HEIGHT = {"bias": 2400, "modality": 2300, "samples": 1900}
 
 
 def log(msg: str) -> None:
@@ -81,11 +90,11 @@ def build_store(root: Path, *, max_examples: int = 12) -> tuple[Path, Path]:
     proc.save_pretrained(model)
     adapter, ds = load_adapter(model), Dataset.load(data).audit_split()
     first = run_audit(RunSpec(model=str(model), data=str(data), probes=probes, out=str(root / "run-a"), seed=0,
-                              store=str(store), max_examples=max_examples), adapter=adapter, data=ds,
-                      progress=False, log=lambda _: None).summary
+                              store=str(store), max_examples=max_examples, log_samples=True), adapter=adapter,
+                      data=ds, progress=False, log=lambda _: None).summary
     run_audit(RunSpec(model=str(model), data=str(data), probes=probes, out=str(root / "run-b"), seed=1,
-                      store=str(store), max_examples=max_examples + 4, parent_run_id=first["run_id"]),
-              adapter=adapter, data=ds, progress=False, log=lambda _: None)
+                      store=str(store), max_examples=max_examples + 4, parent_run_id=first["run_id"],
+                      log_samples=True), adapter=adapter, data=ds, progress=False, log=lambda _: None)
     return store, root / "run-a"
 
 
@@ -150,6 +159,44 @@ def trim_bottom(png: Path, margin: int = 30) -> None:
         im.crop((0, 0, im.width, rows[-1] + margin)).save(png)
 
 
+def shrink(png: Path, *, max_height: int = 3400, max_bytes: int = MAX_PNG_BYTES) -> None:
+    """A palette PNG (256 colours) of at most `max_height` pixels, halved in size until it fits `max_bytes`."""
+    from PIL import Image
+
+    im = Image.open(png).convert("RGB")
+    if im.height > max_height:
+        im = im.crop((0, 0, im.width, max_height))
+    while True:
+        im.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(png, optimize=True)
+        if png.stat().st_size <= max_bytes or im.width < 500:
+            return
+        im = im.resize((im.width * 3 // 4, im.height * 3 // 4), Image.Resampling.LANCZOS)
+
+
+def pdf_shots(pdf: Path, shots: Path, work: Path) -> list[Path]:
+    """Page 1 of the PDF at a readable resolution, and its first eight pages side by side (how
+    sections flow over pages), rasterised by pdftoppm."""
+    from PIL import Image
+
+    exe = shutil.which("pdftoppm")
+    if exe is None:
+        raise RuntimeError("pdftoppm is not installed (apt-get install -y poppler-utils)")
+    subprocess.run([exe, "-r", "110", "-png", "-f", "1", "-l", "1", str(pdf), str(work / "page1")], check=True,
+                   capture_output=True, timeout=120)
+    subprocess.run([exe, "-r", "40", "-png", "-f", "1", "-l", "8", str(pdf), str(work / "thumb")], check=True,
+                   capture_output=True, timeout=120)
+    first = shots / f"{PDF_PAGES[0]}.png"
+    shutil.move(str(next(work.glob("page1*.png"))), first)
+    thumbs = [Image.open(p).convert("RGB") for p in sorted(work.glob("thumb*.png"))]
+    w, h = thumbs[0].size
+    sheet = Image.new("RGB", (4 * (w + 8) + 8, ((len(thumbs) + 3) // 4) * (h + 8) + 8), (120, 120, 120))
+    for i, t in enumerate(thumbs):
+        sheet.paste(t, (8 + (i % 4) * (w + 8), 8 + (i // 4) * (h + 8)))
+    pages = shots / f"{PDF_PAGES[1]}.png"
+    sheet.save(pages)
+    return [first, pages]
+
+
 def not_blank(png: Path) -> tuple[bool, str]:
     import numpy as np
     from PIL import Image
@@ -207,22 +254,34 @@ def main(argv=None) -> int:
                     break
                 log(f"attempt {attempt}: {msg}")
                 time.sleep(1.0)
+            if args.screenshots:
+                shrink(out)
             failures += not ok
             log(("ok   " if ok else "FAIL ") + msg)
         if args.screenshots:
             from audit.report import build_document, build_report
             from audit.report.render import render_html
 
-            build_report(run_dir.parent / "run-b", "html", store=store)  # the whole report, as users get it
-            doc = build_document(run_dir.parent / "run-b", store=store)
-            for name, section, height in REPORT_SHOTS:  # one page per view: the cover, or one section
-                part = dict(doc, sections=[s for s in doc["sections"] if s["id"] == section]) if section else doc
-                page = work / f"{name}.html"
-                page.write_text(render_html(part, cover=section is None))
+            child = run_dir.parent / "run-b"
+            report = build_report(child, "html", store=store)  # the whole report, as users get it
+            doc = build_document(child, store=store)
+            for name, section, height in REPORT_SHOTS:  # one view each: the top of the report, or one section
+                page = report if section is None else work / f"{name}.html"
+                if section is not None:
+                    page.write_text(render_html(dict(doc, sections=[s for s in doc["sections"] if s["id"] == section]),
+                                                cover=False))
                 out = shots / f"{name}.png"
-                screenshot(chromium, profile, page.resolve().as_uri(), out, height=height, width=1100, budget=5000)
+                screenshot(chromium, profile, page.resolve().as_uri(), out, height=height, width=DESKTOP,
+                           budget=5000)
                 trim_bottom(out)
                 ok, msg = not_blank(out)
+                shrink(out)
+                failures += not ok
+                log(("ok   " if ok else "FAIL ") + msg)
+            pdf = build_report(child, "pdf", store=store, out=work / "report.pdf")
+            for out in pdf_shots(pdf, shots, work):
+                ok, msg = not_blank(out)
+                shrink(out)
                 failures += not ok
                 log(("ok   " if ok else "FAIL ") + msg)
         log("PASS" if not failures else f"FAIL: {failures} blank screenshot(s)")

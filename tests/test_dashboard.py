@@ -29,7 +29,7 @@ from test_report_gate import _real_run, hand_run, splice  # noqa: E402  (tests/ 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "dashboard" / "app.py"
 PAGE_FILES = [APP] + sorted(p for p in (ROOT / "dashboard" / "pages").glob("*.py") if not p.name.startswith("_"))
-TITLES = {"app": "Runs & scorecard", "compare": "Run comparison", **PAGES}
+TITLES = {"app": "Runs & scorecard", "compare": "Run comparison", "samples": "Samples", **PAGES}
 PAYLOAD = '<script>alert("pwned")</script>'
 IMG_PAYLOAD = '<img src=x onerror=alert(1)>'
 TIMEOUT = 120
@@ -68,12 +68,12 @@ def test_every_catalog_page_has_a_file():
 # ------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def real_store(untrained_llava, small_data, tmp_path_factory):
-    """A real run (modality_ablation, attention, plus hand-written fairness and safety probes) and a
-    hand-written second run that names the first as parent, in one store."""
+    """A real run (modality_ablation, attention with --log-samples, plus hand-written fairness and
+    safety probes) and a hand-written second run that names the first as parent, in one store."""
     root = tmp_path_factory.mktemp("dash")
     store = root / "store.duckdb"
-    _real_run(untrained_llava, small_data, root / "a", root / "scratch.duckdb", probes=["modality_ablation",
-                                                                                         "attention"])
+    _real_run(untrained_llava, small_data, root / "a", root / "scratch.duckdb",
+              probes=["modality_ablation", "attention"], log_samples=True)
     first = splice(root / "a", small_data, seed=0, store=store)
     hand_run(root / "b", small_data, untrained_llava, run_id="zz-child", seed=1,
              probes=["group_fairness", "counterfactual_bias"], store=store, parent=first["run_id"])
@@ -197,6 +197,20 @@ def big_store(tmp_path_factory):
     return store
 
 
+def _transcript(ids: list[str], *, prompt: str = "what is it?", probe: str = "modality_ablation") -> pd.DataFrame:
+    """samples.parquet rows as `--log-samples` writes them: each example intact and with a blank image."""
+    from audit.samples import samples_frame
+
+    recs = []
+    for i, e in enumerate(ids):
+        for variant, scores in (("none", [-0.2, -1.9]), ("image:blank", [-1.2 - i % 2, -0.4])):
+            recs.append({"probe": probe, "example_id": e, "variant": variant, "call": "score", "prompt": prompt,
+                         "rendered_prompt": f"user : <image> {prompt} assistant :", "image_sha256": "ab12" * 4,
+                         "candidates": json.dumps(["a", "b"]), "scores": scores,
+                         "predicted": "a" if scores[0] > scores[1] else "b", "generated": None})
+    return samples_frame(recs)
+
+
 @pytest.fixture(scope="module")
 def evil_store(tmp_path_factory):
     root = tmp_path_factory.mktemp("evil")
@@ -205,6 +219,8 @@ def evil_store(tmp_path_factory):
     data = _data_folder(root, ids, evil=True)
     for version in (1, 2):
         summary, rows, _ = _synthetic_run(f"evil{version}{PAYLOAD}", data, 6, evil=True, version=version)
+        (root / f"run{version}").mkdir()
+        _transcript(ids, prompt=f"{PAYLOAD} {IMG_PAYLOAD}").to_parquet(root / f"run{version}" / "samples.parquet")
         Store(store).record_run(summary, rows, run_dir=str(root / f"run{version}"))
     return store
 
@@ -244,8 +260,17 @@ def test_every_page_on_real_runs(page, real_store, monkeypatch):
         assert "Object hallucination (POPE)" in [h.value for h in at.subheader]
     if page.stem == "compare":
         assert "(its parent run)" in _texts(at)
+        assert all(c.value.startswith("What this means: ") for c in at.caption[:len(at.get("plotly_chart"))])
     if page.stem == "app":
         assert len(at.dataframe) >= 3
+    if page.stem == "samples":
+        assert any("has no samples.parquet" in i.value for i in at.info)  # the hand-written child run has none
+        at.sidebar.selectbox[0].set_value(runs.run_id.iloc[0]).run()
+        assert not at.exception and "Modality ablation (modality_ablation)" in at.selectbox(key="smp_probe").options
+        at.selectbox(key="smp_probe").set_value("modality_ablation").run()
+        assert not at.exception and len(at.get("image")) == 1 and at.code[0].value.strip()
+        assert list(_frames(at)[-1].columns) == ["candidate", "score", "share (softmax over candidates)",
+                                                  "predicted"]
 
 
 @pytest.mark.parametrize("page", PAGE_FILES, ids=lambda p: p.stem)
@@ -324,6 +349,117 @@ def test_run_selection_and_images_stay_inside_the_store(big_store, evil_store, m
     assert data.image(row.data_path, ids[1]) is None
 
 
+def _one_run_store(root: Path, *, run_dir: Path, findings=(), data: Path | None = None, ids=("ex-0000",),
+                   store: Path | None = None) -> Path:
+    """A store holding one hand-made run recorded with `run_dir` as its run folder."""
+    root.mkdir(parents=True, exist_ok=True)
+    data = data or _data_folder(root, list(ids), evil=False)
+    summary, rows, _ = _synthetic_run("one00001", data, len(ids), evil=False)
+    summary["findings"] = list(findings)
+    store = store or root / "one.duckdb"
+    Store(store).record_run(summary, rows, run_dir=str(run_dir))
+    return store
+
+
+def test_sample_viewer_filters_and_shows_one_query(tmp_path, monkeypatch):
+    ids = ["ex-0000", "ex-0001", "ex-0002"]
+    data = _data_folder(tmp_path, ids, evil=False)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    frame = pd.concat([_transcript(ids), _transcript(ids[:1], probe="robustness")], ignore_index=True)
+    frame.to_parquet(run_dir / "samples.parquet")
+    store = _one_run_store(tmp_path, run_dir=run_dir, data=data, ids=ids)
+    # a link from the report preselects the probe and the example (both checked against the options)
+    at = _run_page(ROOT / "dashboard" / "pages" / "samples.py", store, monkeypatch, run="one00001",
+                   probe="modality_ablation", example="ex-0001")
+    assert at.selectbox(key="smp_probe").options == ["Modality ablation (modality_ablation)",
+                                                     "Robustness to image perturbations (robustness)"]
+    assert at.selectbox(key="smp_probe").value == "modality_ablation"
+    assert at.selectbox(key="smp_example").value == "ex-0001"
+    assert at.multiselect(key="smp_variants").options == ["image:blank", "none"]
+    listed = _frames(at)[0]
+    assert set(listed.example_id) == {"ex-0001"} and listed.variant.tolist() == ["image:blank", "none"]
+    assert "answer changed under image:blank: a -> b" in listed.why.tolist()  # the worst query first
+    assert at.code[0].value == "user : <image> what is it? assistant :"  # the rendered prompt
+    cands = _frames(at)[1]
+    assert cands.candidate.tolist() == ["a", "b"] and cands.score.tolist() == [-1.2 - 1, -0.4]
+    assert cands.predicted.tolist() == [False, True]
+    text = _texts(at)
+    assert "predicted answer: b" in text and "reference answer: a" in text and "answer on the intact input: a" in text
+    assert len(at.get("image")) == 1  # the example's image, from the data folder
+    at.multiselect(key="smp_variants").set_value(["none"]).run()
+    assert not at.exception and _frames(at)[0].variant.tolist() == ["none"]
+    at.selectbox(key="smp_example").set_value("(all examples)").run()
+    assert not at.exception and set(_frames(at)[0].example_id) == set(ids)
+    monkeypatch.delenv("MMAUDIT_STORE")
+    # a probe or example the run does not have is ignored, not used
+    at = _run_page(ROOT / "dashboard" / "pages" / "samples.py", store, monkeypatch, probe="../../etc/passwd",
+                   example="nope")
+    assert at.selectbox(key="smp_probe").value == "modality_ablation"
+    assert at.selectbox(key="smp_example").value == "(all examples)"
+
+
+def test_sample_viewer_reads_only_the_recorded_run_folder(tmp_path, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    _transcript(["ex-0000"], prompt="SECRET PROMPT").to_parquet(elsewhere / "samples.parquet")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "samples.parquet").symlink_to(elsewhere / "samples.parquet")  # leaves the run folder
+    page = ROOT / "dashboard" / "pages" / "samples.py"
+    for store in (_one_run_store(tmp_path, run_dir=run_dir),
+                  _one_run_store(tmp_path / "gone", run_dir=tmp_path / "no-such-run")):
+        at = _run_page(page, store, monkeypatch)
+        assert any("has no samples.parquet" in i.value for i in at.info)
+        assert "SECRET PROMPT" not in _texts(at) + " ".join(c.value for c in at.code)
+        monkeypatch.delenv("MMAUDIT_STORE")
+
+
+def test_findings_and_sidebar_are_never_cut_off(tmp_path, monkeypatch):
+    long = "the model answers 'yes' to 12.5% of presence questions " + "; ".join(f"detail {i}" for i in range(80))
+    store_dir = tmp_path / ("a-rather-long-folder-name-for-the-store-" * 3)
+    store_dir.mkdir()
+    run_dir = tmp_path / "run"
+    store = _one_run_store(tmp_path, run_dir=run_dir, store=store_dir / "store.duckdb", findings=[
+        {"probe": "hallucination", "severity": "warning", "message": long},
+        {"probe": "counterfactual_bias", "severity": "fail", "message": "answers depend on 'group'"}])
+    for page in (APP, ROOT / "dashboard" / "pages" / "safety.py"):
+        at = _run_page(page, store, monkeypatch)
+        shown = [t.value for t in at.text]
+        assert f"WARNING · hallucination: {long}" in shown  # the whole message, as wrapping text
+        assert all(long not in str(df.to_dict()) for df in _frames(at))  # not in a table cell that cuts it off
+        codes = [c for c in at.sidebar.code]
+        assert codes[0].value == str(store) and codes[0].proto.wrap_lines  # the whole store path, wrapped
+        assert codes[1].value.startswith("one00001 · 2026-01-01T00:00:00 · llava") and codes[1].proto.wrap_lines
+        assert f"run folder {run_dir}" in codes[1].value
+        monkeypatch.delenv("MMAUDIT_STORE")
+    at = _run_page(APP, store, monkeypatch)
+    listed = [t.value for t in at.text if t.value.startswith(("FAIL ·", "WARNING ·"))]
+    assert listed[0] == "FAIL · counterfactual_bias: answers depend on 'group'"  # worst first
+
+
+def test_scorecard_shows_the_models_provenance_and_examples_per_probe(tmp_path, monkeypatch):
+    ids = ["ex-0000"]
+    data = _data_folder(tmp_path, ids, evil=False)
+    summary, rows, _ = _synthetic_run("prov0001", data, 1, evil=False)
+    summary["model"].update(hub_id="org/tiny", revision="main", commit="c" * 40, trust_remote_code=True)
+    summary["environment"]["model_git_revision"] = "0123456789abcdef0123"
+    summary["probes"] = {"attention": {"status": "ok", "examples": 24, "selected": 577, "units": 1}}
+    summary["config"]["max_examples"] = 24
+    store = tmp_path / "s.duckdb"
+    Store(store).record_run(summary, rows, run_dir=str(tmp_path / "run"))
+    at = _run_page(APP, store, monkeypatch)
+    frames = _frames(at)
+    prov = next(f for f in frames if "field" in f.columns and "Hugging Face Hub id" in set(f.field))
+    assert dict(zip(prov.field, prov.value))["Hub commit resolved"] == "c" * 40
+    assert any("trust_remote_code" in w.value for w in at.warning)
+    counts = next(f for f in frames if "examples audited" in f.columns)
+    assert counts.to_dict("records")[0]["examples that fit"] == 577
+    assert "capped by --max-examples 24" in _texts(at)
+    everything = _texts(at) + str([f.to_dict() for f in frames]) + str([j.value for j in at.json])
+    assert "0123456789abcdef0123" not in everything and "model_git_revision" not in everything
+
+
 def test_a_new_catalog_probe_appears_in_its_report_section_and_dashboard_page(tmp_path, monkeypatch):
     """Registering a spec is all it takes: no edit in the report or the dashboard."""
     from audit.report import build_document
@@ -375,7 +511,7 @@ def test_dashboard_command_binds_loopback_by_default(tmp_path, monkeypatch, caps
     from audit import publish_cli
 
     calls = []
-    monkeypatch.setattr(publish_cli.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
+    monkeypatch.setattr(publish_cli, "_supervise", lambda cmd, env: calls.append((cmd, env)) or 0)
     monkeypatch.setattr(cli, "COMMAND_MODULES", tuple(dict.fromkeys((*cli.COMMAND_MODULES, "audit.publish_cli"))))
     assert cli.main(["dashboard", "--store", str(tmp_path / "s.duckdb")]) == 0
     cmd, env = calls[-1]

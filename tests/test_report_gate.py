@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import html
 import io
 import json
 import re
@@ -157,24 +158,25 @@ def hand_run(run_dir: Path, data_dir, model_dir, *, run_id: str, seed: int, prob
     return write_run(run_dir, summary=summary, rows=rows_frame(rows), store=store, parent=parent)
 
 
-def _real_run(model, data, out, store, *, probes, seed=0, max_examples=8):
+def _real_run(model, data, out, store, *, probes, seed=0, max_examples=8, log_samples=False):
     from audit.adapters import load_adapter
     from audit.dataset import Dataset
     from audit.runner import RunSpec, run_audit
 
     spec = RunSpec(model=str(model), data=str(data), probes=list(probes), out=str(out), seed=seed, store=str(store),
-                   max_examples=max_examples)
+                   max_examples=max_examples, log_samples=log_samples)
     return run_audit(spec, adapter=load_adapter(model), data=Dataset.load(data).audit_split(), progress=False,
                      log=lambda m: None).summary
 
 
 @pytest.fixture(scope="module")
 def runs(untrained_llava, small_data, tmp_path_factory):
-    """A real run of modality_ablation + attention with hand-written fairness/safety probes spliced in,
-    and a hand-written child run (two fairness probes) that names it as parent."""
+    """A real run of modality_ablation + attention (with its transcript, samples.parquet) with
+    hand-written fairness/safety probes spliced in, and a hand-written child run (two fairness
+    probes) that names it as parent."""
     root = tmp_path_factory.mktemp("report")
     store = root / "store.duckdb"
-    _real_run(untrained_llava, small_data, root / "run", root / "scratch.duckdb", probes=REAL)
+    _real_run(untrained_llava, small_data, root / "run", root / "scratch.duckdb", probes=REAL, log_samples=True)
     parent = splice(root / "run", small_data, seed=0, store=store)
     child = hand_run(root / "child", small_data, untrained_llava, run_id="child0001", seed=1,
                      probes=["group_fairness", "counterfactual_bias"], store=store, parent=parent["run_id"])
@@ -308,7 +310,10 @@ def test_missing_probes_are_said_in_place_and_parent_is_compared(runs):
     assert "No probe of this section produced results" in text and "modality_ablation" in text
     assert "privacy_audit" in json.dumps(_section(doc, "privacy"))
     mit = _section(doc, "mitigations")
-    assert mit["status"] == "complete"
+    # the comparison is there; its badge warns that the parent measured probes this run did not
+    assert mit["status"] == "warnings"
+    assert any(b["type"] == "note" and b["level"] == "warning" and b["text"].startswith("Measured before but not")
+               for b in mit["blocks"])
     table = next(b for b in mit["blocks"] if b["type"] == "table")
     assert table["columns"][:6] == ["probe", "metric", "group", "before", "after", "after − before"]
     row = next(r for r in table["rows"] if r[0] == "group_fairness" and r[1] == "accuracy_difference" and r[2] == "group")
@@ -328,7 +333,8 @@ def test_missing_probes_are_said_in_place_and_parent_is_compared(runs):
     assert _section(alone, "mitigations")["status"] == "missing"
     # an explicit --baseline works without any store
     explicit = build_document(runs["child"], baseline=runs["run"], store=runs["root"] / "elsewhere.duckdb")
-    assert _section(explicit, "mitigations")["status"] == "complete"
+    assert _section(explicit, "mitigations")["status"] == "warnings"
+    assert any(b["type"] == "table" for b in _section(explicit, "mitigations")["blocks"])
 
 
 def test_privacy_and_defense_record_are_reported(runs, tmp_path):
@@ -350,7 +356,7 @@ def test_privacy_and_defense_record_are_reported(runs, tmp_path):
     doc = build_document(run, store=tmp_path / "none.duckdb")
     priv = _section(doc, "privacy")
     text = json.dumps(priv, ensure_ascii=False)
-    assert priv["status"] == "partial" and "exceeds the theoretical" in text  # 9.0 > 7.5 from the DP record
+    assert priv["status"] == "warnings" and "exceeds the theoretical" in text  # 9.0 > 7.5 from the DP record
     assert "false-alarm rate of at most 5%" in text  # the warning states its error rate
     assert "ε theoretical (upper bound)" in text and "7.5" in text and "0.61" in text
     mit = json.dumps(_section(doc, "mitigations"), ensure_ascii=False)
@@ -391,6 +397,314 @@ def test_report_with_policy_shows_targets_and_identity(runs, tmp_path):
     table = next(b for b in _section(doc, "targets")["blocks"] if b["type"] == "table")
     assert table["columns"][:3] == ["status", "kind", "rule"]
     assert "Declared by the provider: synthetic scenes only" in json.dumps(_section(doc, "limitations"))
+
+
+# ----------------------------------------------------- what a new user reads first
+FINDINGS = [
+    {"probe": "counterfactual_bias", "severity": "fail", "message": "answers depend on 'group' (flip rate 100%)"},
+    {"probe": "hallucination", "severity": "warning", "message": "the model answers 'yes' too rarely"},
+    {"probe": "run", "severity": "warning", "message": "approximate scores from the endpoint"},
+    {"probe": "group_fairness", "severity": "info", "message": "some groups are small"},
+]
+
+
+def _copy_run(runs, tmp_path, edit=None, name: str = "run") -> Path:
+    """A copy of the module's run with summary.json edited by `edit(summary)`."""
+    run = tmp_path / name
+    shutil.copytree(runs["run"], run, ignore=shutil.ignore_patterns("report.*"))
+    summary = json.loads((run / "summary.json").read_text())
+    if edit is not None:
+        edit(summary)
+    (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+def _with_findings(findings):
+    def edit(summary):
+        summary["findings"] = findings
+    return edit
+
+
+def _cover(page: str) -> str:
+    return page.split('<section class="section"')[0]
+
+
+@pytest.mark.parametrize("findings, status, text", [
+    (FINDINGS, "fail", "FAIL: 1 failing finding, 2 warnings (1 info note)"),
+    (FINDINGS[1:], "warnings", "WARNINGS: 2 warnings, no failing finding (1 info note)"),
+    (FINDINGS[3:], "no findings", "NO FINDINGS: no failing finding and no warning (1 info note)"),
+    ([], "no findings", "NO FINDINGS: no failing finding and no warning"),
+])
+def test_cover_states_a_verdict_without_a_policy(runs, tmp_path, findings, status, text):
+    doc = build_document(_copy_run(runs, tmp_path, _with_findings(findings)), store=tmp_path / "none.duckdb")
+    v = doc["overview"]["verdict"]
+    assert (v["source"], v["status"], v["text"]) == ("findings", status, text)
+    assert doc["overview"]["targets_verdict"] is None
+    cover = _cover(render_html(doc, plotly_js="/* plotly */"))
+    assert html.escape(text) in cover and "No policy was given" in cover
+    fails = [f for f in findings if f["severity"] == "fail"]
+    for f in fails:  # the failing finding itself is on the cover, linked to its section
+        assert html.escape(f["message"]) in cover and 'href="#sec-fairness"' in cover
+    assert ('<span class="pill fail">FAIL</span>' in cover) == bool(fails)
+
+
+def test_cover_states_the_policy_verdict_and_the_findings(runs, tmp_path):
+    run = _copy_run(runs, tmp_path, _with_findings(FINDINGS))
+    failing = _policy(tmp_path, {"thresholds": [
+        {"probe": "modality_ablation", "metric": "image_reliance", "min": 0.0, "max": 1.0},
+        {"probe": "group_fairness", "metric": "accuracy_difference", "group": "group", "max": -1.0}]}, "fail.yaml")
+    doc = build_document(run, policy=failing, store=tmp_path / "none.duckdb")
+    v = doc["overview"]["verdict"]
+    assert v["source"] == "policy" and v["status"] == "fail" and doc["overview"]["targets_verdict"] == "fail"
+    assert v["text"] == "POLICY FAIL: 1 of 2 target checks failed (1 passed, 1 failed, 0 skipped)"
+    cover = _cover(render_html(doc, plotly_js="/* plotly */"))
+    assert html.escape(v["text"]) in cover
+    assert "FAIL: 1 failing finding, 2 warnings (1 info note)" in cover  # the findings are not hidden by the policy
+    passing = _policy(tmp_path, {"thresholds": [
+        {"probe": "modality_ablation", "metric": "image_reliance", "min": 0.0, "max": 1.0}]}, "pass.yaml")
+    doc = build_document(run, policy=passing, store=tmp_path / "none.duckdb")
+    assert doc["overview"]["verdict"]["text"].startswith("POLICY PASS: every target check passed")
+    assert doc["overview"]["targets_verdict"] == "pass" and doc["overview"]["verdict"]["findings"]["status"] == "fail"
+    assert _section(doc, "targets")["status"] == "complete"
+
+
+def test_section_badges_reflect_their_findings(runs, tmp_path):
+    doc = build_document(_copy_run(runs, tmp_path, _with_findings(FINDINGS)), store=tmp_path / "none.duckdb")
+    status = doc["overview"]["sections"]
+    assert status["fairness"] == "fail"          # counterfactual_bias failed
+    assert status["safety"] == "warnings"        # hallucination warned
+    assert status["protocol"] == "warnings"      # a finding about the run itself
+    assert status["interpretability"] == "complete"  # evidence and nothing to warn about
+    assert status["privacy"] == "missing"        # no probe of it ran
+    assert status["limitations"] == "fail"       # it lists every finding
+    assert _section(doc, "fairness")["notes"][0] == "1 failing finding"
+    # COMPLETE only with evidence and without a warning or failure in the section
+    from audit.report.verdict import finding_section
+
+    for sec in doc["sections"]:
+        mine = [f for f in FINDINGS if finding_section(f) == sec["id"] and f["severity"] != "info"]
+        levels = {b.get("level") for b in sec["blocks"] if b["type"] == "note"}
+        if sec["status"] == "complete":
+            assert not mine and not levels & {"fail", "warning", "missing"}, sec["id"]
+    page = render_html(doc, plotly_js="/* plotly */")
+    row = re.search(r'href="#sec-fairness">[^<]*</a></td><td>(.*?)</td>', page).group(1)
+    assert row == '<span class="pill fail">FAIL</span>'
+    # the same run without findings: no red or amber badge on those sections
+    clean = build_document(_copy_run(runs, tmp_path, _with_findings([]), "clean"), store=tmp_path / "none.duckdb")
+    assert clean["overview"]["sections"]["fairness"] in ("complete", "partial")
+    assert clean["overview"]["sections"]["safety"] in ("complete", "partial")
+
+
+def test_cover_counts_examples_per_probe_not_a_sum(runs, tmp_path):
+    def edit(summary):
+        summary["data"]["n"] = 1431
+        summary["config"]["max_examples"] = 8
+        summary["probes"]["modality_ablation"].update(examples=8, selected=577)
+        summary["probes"]["attention"].update(examples=8, selected=8)
+
+    doc = build_document(_copy_run(runs, tmp_path, edit), store=tmp_path / "none.duckdb")
+    counts = {c["probe"]: c for c in doc["overview"]["probes"]}
+    assert counts["modality_ablation"]["examples"] == 8 and counts["modality_ablation"]["selected"] == 577
+    assert counts["modality_ablation"]["capped"] is True and counts["attention"]["capped"] is False
+    assert counts["hallucination"]["examples"] == 30
+    assert doc["overview"]["examples"] == ("Each probe audited between 8 and 30 examples of the 1431 examples in "
+                                           "the audited split; 1 of 5 probe(s) capped by --max-examples 8.")
+    page = render_html(doc, plotly_js="/* plotly */")
+    cover = _cover(page)
+    assert "1431 examples in the audited split" in cover and "audited examples" not in cover
+    row = re.search(r"<tr><td>modality_<wbr>ablation</td>(.*?)</tr>", cover).group(1)
+    assert '<td class="num">8</td><td class="num">577</td><td>yes</td>' in row
+    table = next(b for b in _section(doc, "protocol")["blocks"] if b["type"] == "table"
+                 and b["caption"].startswith("Examples per probe"))
+    assert ["modality_ablation", "Modality ablation", "ok", 8, 577, "yes"] in table["rows"]
+
+
+def test_only_the_models_own_provenance_is_shown(runs, tmp_path):
+    tool_rev = "0123456789abcdef0123456789abcdef01234567"
+
+    def edit(summary):
+        summary["environment"].update(model_git_revision=tool_rev, git_commit="feedfacefeedface",
+                                      mmaudit_git="c0ffee77")
+        summary["model"].update(hub_id="org/tiny-llava", revision="main", commit="a" * 40, dtype="bfloat16",
+                                device_map="auto", trust_remote_code=True, git_revision="c0ffee77",
+                                weights_not_loaded={"missing_keys": ["lm_head.weight", "x.bias"]})
+
+    run = _copy_run(runs, tmp_path, edit)
+    doc = build_document(run, store=tmp_path / "none.duckdb")
+    ident = _section(doc, "identity")
+    model = dict(next(b for b in ident["blocks"] if b["type"] == "kv" and (b["caption"] or "").startswith(
+        "The audited model"))["items"])
+    assert model["Hugging Face Hub id"] == "org/tiny-llava" and model["revision asked for"] == "main"
+    assert model["Hub commit resolved"] == "a" * 40 and model["dtype"] == "bfloat16"
+    assert model["device map"] == "auto" and model["trust_remote_code (the model's own code ran)"] == "yes"
+    assert model["weights not loaded from the checkpoint"] == "2 missing keys (e.g. lm_head.weight)"
+    notes = [(b["level"], b["text"]) for b in ident["blocks"] if b["type"] == "note"]
+    assert any(level == "warning" and "trust_remote_code" in t for level, t in notes)
+    assert any(level == "fail" and "freshly initialised" in t for level, t in notes)
+    assert ident["status"] == "fail"
+    page = build_report(run, "html", store=tmp_path / "none.duckdb").read_text()
+    as_json = build_report(run, "json", store=tmp_path / "none.duckdb").read_text()
+    for text in (page, as_json):  # the audit tool's own checkout, nowhere
+        assert tool_rev not in text and "feedfacefeedface" not in text and "c0ffee77" not in text
+        assert "model_git_revision" not in text and "git_commit" not in text
+    assert "org/<wbr>tiny-llava" in page and "a" * 24 in page
+
+
+def _import_card(data: Path) -> dict:
+    return {"datacard": "mmaudit import", "mmaudit_version": "0.2.0",
+            "importer": {"name": "vlmevalkit", "module": "audit.importers.vlmevalkit", "version": "1",
+                         "format": "vlmevalkit", "requested_format": "auto"},
+            "sources": [{"path": "/bench/MMBench_DEV_EN.tsv", "kind": "file", "sha256": "ab" * 32, "bytes": 4096}],
+            "image_folders": [], "mapping": {"/bench/MMBench_DEV_EN.tsv": {"question": "prompt", "answer": "answer",
+                                                                         "category": "attributes.category"}},
+            "ignored_columns": {"/bench/MMBench_DEV_EN.tsv": ["comment"]},
+            "options": {"images": None, "map": {}, "prompt": None, "choices": None, "limit": 200},
+            "licence": "Apache-2.0", "counts": {"examples": 200, "images": 180, "by_split": {"test": 200}}}
+
+
+def _cells(blocks) -> list:
+    out = []
+    for b in blocks:
+        out += [v for _, v in b.get("items") or []] + [c for r in b.get("rows") or [] for c in r]
+    return out
+
+
+def test_the_data_card_is_shown_as_tables(runs, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(Path(runs["data"]) / "manifest.jsonl", data / "manifest.jsonl")
+    (data / "datacard.json").write_text(json.dumps(_import_card(data)))
+    run = _copy_run(runs, tmp_path, lambda s: s["data"].update(path=str(data)))
+    blocks = _section(build_document(run, store=tmp_path / "none.duckdb"), "data")["blocks"]
+    head = next(b for b in blocks if b["type"] == "kv" and (b["caption"] or "").startswith("Data card"))
+    items = dict(head["items"])
+    assert items["origin"].startswith("imported by `mmaudit data import` (importer vlmevalkit")
+    assert items["licence"] == "Apache-2.0"
+    sources = next(b for b in blocks if b["type"] == "table" and b["caption"] == "sources")
+    assert sources["columns"][:4] == ["path", "kind", "sha256", "bytes"]
+    assert sources["rows"] == [["/bench/MMBench_DEV_EN.tsv", "file", "ab" * 32, 4096]]
+    mapping = next(b for b in blocks if b["type"] == "table" and b["caption"].startswith("mapping"))
+    assert ["/bench/MMBench_DEV_EN.tsv", "category", "attributes.category"] in mapping["rows"]
+    assert any(b["type"] == "table" and b["caption"] == "counts: by_split" and b["rows"] == [[200]] for b in blocks)
+    # nothing is dumped as JSON text
+    assert not any(isinstance(c, str) and c.lstrip()[:1] in ("{", "[") for c in _cells(blocks))
+    # the synthetic generator's card of the fixture data: its origin and counts as tables
+    blocks = _section(build_document(runs["run"], store=runs["store"]), "data")["blocks"]
+    assert dict(next(b for b in blocks if b["type"] == "kv" and (b["caption"] or "").startswith("Data card"))
+                ["items"])["origin"].startswith("synthetic")
+    split = next(b for b in blocks if b["type"] == "table" and b["caption"] == "counts: by_split")
+    assert split["columns"] == ["test", "train", "val"]
+    assert not any(isinstance(c, str) and c.lstrip()[:1] in ("{", "[") for c in _cells(blocks))
+
+
+def test_glossary_lists_every_metric_shown(runs):
+    from audit.report import meta
+
+    doc = build_document(runs["run"], store=runs["store"])
+    gloss = doc["sections"][-1]
+    assert gloss["id"] == "glossary" and gloss["title"] == "Glossary of metrics"
+    table = next(b for b in gloss["blocks"] if b["type"] == "table")
+    assert table["columns"] == ["measure", "metric", "probe", "unit", "which way is better", "meaning"]
+    listed = {(r[2], r[1]): r for r in table["rows"]}
+    assert set(listed) == {(m["probe"], m["metric"]) for m in doc["metrics"]}
+    for (probe, metric), r in listed.items():
+        assert r[0] == meta.metric_label(probe, metric) and r[5] == meta.metric_meaning(probe, metric)
+        assert r[4] in ("higher is better", "lower is better", "no agreed direction") or r[4].startswith("closer to")
+    assert listed[("counterfactual_bias", "flip_rate")][4] == "lower is better"
+    assert listed[("modality_ablation", "accuracy")][4] == "higher is better"
+
+
+def _figures(doc, sid=None):
+    return [b for s in doc["sections"] if sid in (None, s["id"]) for b in s["blocks"] if b["type"] == "figure"]
+
+
+def test_charts_are_full_width_labelled_and_explained(runs, tmp_path):
+    from audit.report import meta
+
+    def edit(summary):  # two empty intersections: no example, and no value
+        extra = [dict(probe="group_fairness", metric="accuracy", group=f"group={a}&gender_word=zz", attribute="group",
+                      attribute_value=a, attribute2="gender_word", attribute2_value="zz", scope="intersection",
+                      value=v, n=0) for a, v in (("a", 0.0), ("b", float("nan")))]
+        summary["metrics"] += metric_records(metrics_frame(extra))
+
+    doc = build_document(_copy_run(runs, tmp_path, edit), store=runs["store"])
+    figs = _figures(doc)
+    assert len(figs) >= 5
+    pairs = {(m["probe"], m["metric"]) for m in doc["metrics"]}
+    titles = {meta.axis_title(p, m) for p, m in pairs}
+    for f in figs:
+        lay = f["figure"]["layout"]
+        assert "width" not in lay and lay["autosize"] is True  # the chart fills its column
+        assert f["caption"].startswith("What this means: ") and len(f["caption"]) > 40
+        axis = lay["xaxis"]["title"]["text"] if f["figure"]["data"][0]["type"] == "bar" else \
+            lay["yaxis"]["title"]["text"] if f["figure"]["data"][0]["type"] == "scatter" else None
+        if axis is not None:  # one catalog metric per axis, by its label and unit, never a raw name
+            assert axis in {t.replace("&", "&amp;") for t in titles}, axis
+            assert axis not in {m for _, m in pairs}
+    inter = next(f for f in _figures(doc, "fairness") if "per intersection" in f["figure"]["layout"]["title"]["text"])
+    labels = inter["figure"]["data"][0]["y"]
+    assert labels and not any("zz" in y for y in labels)  # no blank bars for groups without examples
+    assert "2 group(s) without examples or without a value are not drawn" in inter["caption"]
+    # the before/after charts of the mitigations: one metric per chart
+    child = build_document(runs["child"], store=runs["store"])
+    mit = _figures(child, "mitigations")
+    assert mit
+    axes = [f["figure"]["layout"]["xaxis"]["title"]["text"] for f in mit]
+    assert len(set(axes)) == len(mit) and all(a in titles for a in axes)
+    assert all([t["name"] for t in f["figure"]["data"]] == ["before", "after"] for f in mit)
+    page = render_html(doc, plotly_js="/* plotly */")
+    assert page.count("<figcaption>What this means: ") == page.count("Plotly.newPlot(")
+
+
+def _samples_frame(rows: list[dict]) -> pd.DataFrame:
+    from audit.samples import samples_frame
+
+    return samples_frame([{"call": "score", "rendered_prompt": None, "image_sha256": None, "generated": None,
+                           **r, "candidates": json.dumps(r["candidates"])} for r in rows])
+
+
+def test_samples_section_lists_the_worst_examples(runs, tmp_path):
+    man = _manifest(runs["data"])
+    pope = [r for r in man if (r.get("attributes") or {}).get("family") == "presence" and r["answer"] == "yes"][:3]
+    a, b, c = (r["id"] for r in pope)
+
+    def row(eid, variant, scores, predicted):
+        rec = next(r for r in pope if r["id"] == eid)
+        return dict(probe="hallucination", example_id=eid, variant=variant, prompt=rec["prompt"],
+                    candidates=["yes", "no"], scores=scores, predicted=predicted)
+
+    run = _copy_run(runs, tmp_path)
+    _samples_frame([row(c, "none", [-0.1, -2.5], "yes"), row(b, "none", [-3.0, -0.05], "no"),
+                    row(a, "none", [-0.2, -1.8], "yes"), row(a, "noise:0.1", [-1.5, -0.3], "no"),
+                    dict(probe="hallucination", example_id=None, variant=None, prompt=PAYLOAD, candidates=["yes", "no"],
+                         scores=[-0.7, -0.69], predicted="no")]).to_parquet(run / "samples.parquet")
+    doc = build_document(run, store=tmp_path / "none.duckdb")
+    sec = _section(doc, "samples")
+    table = next(b for b in sec["blocks"] if b["type"] == "table")
+    assert table["columns"] == ["example id", "variant", "prompt", "reference answer", "predicted answer",
+                                "why it is listed"]
+    ids = [r[0] for r in table["rows"]]
+    assert ids[:3] == [a, b, c]  # the answer that flipped under noise, then the lowest share of the reference
+    assert table["rows"][0][1] == "noise:0.1" and table["rows"][0][5] == "answer changed under noise:0.1: yes -> no"
+    assert table["rows"][1][2] == pope[1]["prompt"] and table["rows"][1][3:5] == ["yes", "no"]
+    assert ids[3] is None and sec["status"] == "partial"  # a row without example id is listed, and said
+    text = json.dumps(sec)
+    assert "mmaudit dashboard" in text and '\\"Samples\\"' in text and f"example={a}" in text
+    page = render_html(doc, plotly_js="/* plotly */")
+    assert PAYLOAD not in page and html.escape(PAYLOAD) in page.replace("<wbr>", "")
+    # the real transcript of the fixture run (--log-samples): examples from the manifest
+    real = _section(build_document(runs["run"], store=runs["store"]), "samples")
+    first = next(b for b in real["blocks"] if b["type"] == "table")
+    by_id = {r["id"]: r for r in man}
+    assert first["rows"] and all(r[0] in by_id for r in first["rows"])
+    assert all(r[2] == by_id[r[0]]["prompt"] for r in first["rows"] if r[1] == "none")
+    # without samples.parquet (or with one that leaves the run folder) the section says how to get one
+    (run / "samples.parquet").unlink()
+    outside = tmp_path / "elsewhere.parquet"
+    _samples_frame([row(a, "none", [-0.1, -2.5], "yes")]).to_parquet(outside)
+    (run / "samples.parquet").symlink_to(outside)
+    sec = _section(build_document(run, store=tmp_path / "none.duckdb"), "samples")
+    assert sec["status"] == "missing" and "--log-samples" in json.dumps(sec) and a not in json.dumps(sec)
 
 
 def test_report_bad_input_exits_2(tmp_path, monkeypatch, capsys):
@@ -452,22 +766,67 @@ def _pdf_pages(pdf: bytes, path) -> int:
     return len(re.findall(rb"/Type\s*/Page\b", pdf))
 
 
-@pytest.mark.skipif(find_chromium() is None, reason="chromium is not installed (apt-get install -y chromium); "
-                                                    "the pdf format needs it")
-def test_pdf_is_printed_with_one_page_break_per_section(runs, monkeypatch):
+def _vertical_lines(png: Path, *, min_run: int = 40) -> tuple[list[int], int]:
+    """(x of every pixel column holding a vertical run of at least `min_run` non-white pixels,
+    rightmost x with any ink) of a rasterised page."""
+    a = np.asarray(Image.open(png).convert("L")) < 235
+    runs_ = np.zeros(a.shape[1], dtype=int)
+    best = np.zeros(a.shape[1], dtype=int)
+    for row in a:
+        runs_ = np.where(row, runs_ + 1, 0)
+        best = np.maximum(best, runs_)
+    return [int(x) for x in np.where(best >= min_run)[0]], int(np.where(a.any(axis=0))[0].max())
+
+
+needs_chromium = pytest.mark.skipif(find_chromium() is None, reason="chromium is not installed (apt-get install -y "
+                                                                  "chromium); the pdf format needs it")
+
+
+@needs_chromium
+def test_pdf_flows_sections_without_forced_page_breaks(runs, tmp_path, monkeypatch):
     out = runs["root"] / "report.pdf"
     assert main(["report", runs["run"], "--format", "pdf", "--out", out, "--store", runs["store"]], monkeypatch) == 0
     pdf = out.read_bytes()
     assert pdf[:5] == b"%PDF-"
-    pages = _pdf_pages(pdf, out)
-    # the cover page, then every section starts on a new page (print CSS), long ones take more
-    assert len(SECTION_IDS) + 1 <= pages <= 4 * (len(SECTION_IDS) + 1)
+    # no page break is forced: the run's content (galleries, tables, charts) fills at most two pages per section
+    assert _pdf_pages(pdf, out) <= 2 * len(SECTION_IDS)
     if shutil.which("pdftotext"):
         text = subprocess.run(["pdftotext", "-layout", str(out), "-"], capture_output=True, text=True).stdout
-        for title in ("Fairness and bias", "Interpretability", "Integrity manifest"):
+        for title in ("Fairness and bias", "Interpretability", "Integrity manifest", "Glossary of metrics"):
             assert title in text
+        first = text.split("\f")[0]
+        assert "NO FINDINGS" in first or "WARNINGS:" in first or "FAIL:" in first  # the verdict is on page 1
     # a second print replaces its own earlier PDF without --force
     assert main(["report", runs["run"], "--format", "pdf", "--out", out, "--store", runs["store"]], monkeypatch) == 0
+    # a lean run (one probe, model and data folders gone): short sections share pages, where one page
+    # per section would take at least N + 1 (the cover, then N sections)
+    lean = tmp_path / "lean"
+    summary = hand_run(lean, runs["data"], tmp_path / "gone-model", run_id="lean01", seed=0, probes=["hallucination"])
+    summary["data"]["path"] = str(tmp_path / "gone-data")
+    (lean / "summary.json").write_text(json.dumps(summary))
+    pdf_path = build_report(lean, "pdf", store=tmp_path / "none.duckdb")
+    assert _pdf_pages(pdf_path.read_bytes(), pdf_path) < len(SECTION_IDS) - 2
+
+
+@needs_chromium
+@pytest.mark.skipif(shutil.which("pdftoppm") is None, reason="pdftoppm (poppler-utils) rasterises the PDF")
+def test_pdf_tables_keep_their_right_border(runs, tmp_path):
+    """A table cell holding a long unbreakable token (a path, a hash) neither pushes the table past
+    the printable area (its right border cut off) nor makes Chromium shrink the whole page."""
+    run = tmp_path / "run"
+    summary = hand_run(run, runs["data"], tmp_path / "gone-model", run_id="wide01", seed=0, probes=["hallucination"])
+    summary["model"]["path"] = str(tmp_path / ("m" * 40) / ("x" * 300))
+    summary["data"]["path"] = str(tmp_path / "gone-data")
+    (run / "summary.json").write_text(json.dumps(summary))
+    pdf = build_report(run, "pdf", store=tmp_path / "none.duckdb")
+    subprocess.run(["pdftoppm", "-r", "72", "-gray", "-f", "1", "-l", "1", str(pdf), str(tmp_path / "page")],
+                   check=True, capture_output=True)
+    png = next(tmp_path.glob("page*.pgm"))
+    width = Image.open(png).width  # A4 at 72 dpi: 595 px; the printable area ends 12 mm (34 px) before the edge
+    right_edge = width - round(12 / 25.4 * 72)
+    lines, ink = _vertical_lines(png)
+    assert lines and right_edge - 4 <= max(lines) <= right_edge + 1, (max(lines), right_edge)
+    assert ink <= right_edge + 1
 
 
 def test_pdf_without_chromium_is_a_clear_input_error(runs, monkeypatch, capsys):
@@ -499,8 +858,15 @@ def _evil_run(root, version: int):
          "attributes": {"group": "b"}, "pair_id": "p1", "varies": "group"},
     ]
     (data / "manifest.jsonl").write_text("\n".join(json.dumps(m) for m in manifest) + "\n")
+    (data / "datacard.json").write_text(json.dumps({  # hostile keys and values in the data card too
+        "datacard": "mmaudit import", "licence": PAYLOAD, "importer": {"name": IMG_PAYLOAD, "format": PAYLOAD},
+        "sources": [{"path": PAYLOAD, "sha256": IMG_PAYLOAD}], "mapping": {PAYLOAD: {IMG_PAYLOAD: "prompt"}},
+        "counts": {PAYLOAD: 1, "by_split": {IMG_PAYLOAD: 2}}, PAYLOAD: [IMG_PAYLOAD]}))
     run = root / "run"
     run.mkdir()
+    _samples_frame([dict(probe="counterfactual_bias", example_id=evil_id, variant=PAYLOAD, prompt=IMG_PAYLOAD,
+                         candidates=["a", PAYLOAD], scores=[-0.1, -2.0], predicted="a", generated=PAYLOAD)]
+                   ).to_parquet(run / "samples.parquet")
     metric = {"probe": "counterfactual_bias", "metric": "flip_rate", "value": 1.0, "ci_low": 1.0, "ci_high": 1.0,
               "group": PAYLOAD, "n": 1}
     metrics = [metric, {**metric, "probe": "attention", "metric": "image_attention_share", "group": None},
@@ -551,6 +917,8 @@ def test_untrusted_strings_stay_inert_in_the_report(tmp_path, version):
         assert payload not in page
     assert "&lt;script&gt;alert(&quot;pwned&quot;)&lt;/script&gt;" in page or \
            "&lt;script&gt;alert(&quot;pwned&quot;)&lt;/<wbr>script&gt;" in page
+    # the data card and the transcript carried hostile strings as well, and were shown
+    assert "Data card (datacard.json of the data folder)" in page and "samples.parquet of this run holds 1" in page
     # every <script> element is ours (nonce) and none was opened by data
     scripts = re.findall(r"<script[^>]*>", page)
     assert all('nonce="' in s for s in scripts)
@@ -641,9 +1009,35 @@ def test_gate_passes_and_prints_a_table(runs, tmp_path, monkeypatch, capsys):
     assert "PASS" in out and "SKIP" in out and "modality_ablation.image_reliance" in out
     assert "group_fairness.accuracy_difference[group]" in out
     assert "gate: PASS" in out
-    header = out.splitlines()[0].split()
-    assert header[:3] == ["status", "kind", "rule"]
+    lines = out.splitlines()
+    assert lines[0].startswith("Thresholds (limits on this run's metric rows): ")
+    assert lines[1].split()[:3] == ["status", "kind", "rule"]
     assert re.search(r"PASS\s+threshold\s+modality_ablation\.image_reliance", out)
+    assert "Regressions" not in out and "(thresholds: " in lines[-1] and "regressions: none in the policy" in lines[-1]
+
+
+def test_gate_output_says_which_rows_are_thresholds_and_which_regressions(tmp_path, monkeypatch, capsys):
+    base = _summary_dir(tmp_path, "base", [("counterfactual_bias", "flip_rate", "group", 0.10),
+                                           ("modality_ablation", "accuracy", None, 0.80)])
+    cand = _summary_dir(tmp_path, "cand", [("counterfactual_bias", "flip_rate", "group", 0.30),
+                                           ("modality_ablation", "accuracy", None, 0.78)])
+    both = _policy(tmp_path, {
+        "thresholds": [{"probe": "modality_ablation", "metric": "accuracy", "min": 0.5},
+                       {"probe": "counterfactual_bias", "metric": "flip_rate", "group": "group", "max": 0.2}],
+        "regressions": [{"probe": "counterfactual_bias", "metric": "flip_rate", "group": "*", "max_increase": 0.5}]})
+    assert main(["gate", cand, "--policy", both, "--baseline", base], monkeypatch) == 1
+    out = capsys.readouterr().out
+    thresholds, regressions, verdict = out.split("\n\n")
+    assert thresholds.startswith("Thresholds (limits on this run's metric rows): 2 row(s) checked")
+    assert regressions.startswith("Regressions (allowed change of each metric row against the baseline): "
+                                  "1 row(s) checked")
+    assert all(" threshold " in ln for ln in thresholds.splitlines()[3:])
+    assert all(" regression " in ln for ln in regressions.splitlines()[3:])
+    assert re.search(r"FAIL\s+threshold\s+counterfactual_bias\.flip_rate\[group\]", thresholds)
+    assert re.search(r"PASS\s+regression\s+counterfactual_bias\.flip_rate\[group\]", regressions)
+    assert verdict.strip() == ("gate: FAIL — run cand against baseline base: 2 passed, 1 failed, 0 skipped "
+                               "(thresholds: 1 passed, 1 failed, 0 skipped; "
+                               "regressions: 1 passed, 0 failed, 0 skipped)")
 
 
 def test_gate_fails_on_threshold_and_on_missing_metric(runs, tmp_path, monkeypatch, capsys):
@@ -767,9 +1161,13 @@ def test_example_policies_work_as_documented(runs, monkeypatch, capsys):
     regressions = ROOT / "docs" / "policy.regressions.example.yaml"
     policy = load_policy(example)
     assert policy.thresholds and not policy.regressions and policy.system.intended_use
-    # the README's command: thresholds only, no --baseline needed (a verdict, not bad input)
-    assert main(["gate", runs["run"], "--policy", example], monkeypatch) in (0, 1)
-    assert "gate: " in capsys.readouterr().out
+    # the README's command, from the repository root: thresholds only, no --baseline needed; exit 0 or 1
+    monkeypatch.chdir(ROOT)
+    code = main(["gate", runs["run"], "--policy", "docs/policy.example.yaml"], monkeypatch)
+    out = capsys.readouterr().out
+    assert code == (1 if re.search(r"^FAIL\s+threshold", out, re.M) else 0)
+    assert out.startswith("Thresholds (limits on this run's metric rows): ") and "Regressions (" not in out
+    assert out.rstrip().splitlines()[-1].startswith(f"gate: {'FAIL' if code else 'PASS'} — run ")
     reg = load_policy(regressions)
     assert reg.regressions and not reg.thresholds
     assert "needs --baseline" in regressions.read_text().splitlines()[0] or \

@@ -107,8 +107,11 @@ def _column(table: dict, name: str) -> list:
 def test_report_reads_a_version_1_run(run_v1):
     doc = build_document(run_v1, store=run_v1.parent / "none.duckdb")
     statuses = doc["overview"]["sections"]
-    for sid in ("fairness", "safety", "interpretability", "privacy"):
+    for sid in ("interpretability", "privacy"):
         assert statuses[sid] in ("complete", "partial"), sid
+    # the fixture's warnings (small groups, a no-bias, text followed) badge the sections they are in
+    assert statuses["fairness"] == statuses["safety"] == "warnings"
+    assert _section(doc, "fairness")["notes"][0] == "1 warning" and _section(doc, "safety")["notes"][0] == "2 warnings"
     # the JSON's metrics carry typed dims derived from the v1 group labels
     layered = [m for m in doc["metrics"] if m["probe"] == "attention" and m["group"] == "layer:1"]
     assert layered and layered[0]["dims"]["layer"] == 1 and layered[0]["dims"]["scope"] == "breakdown"
@@ -121,7 +124,7 @@ def test_report_reads_a_version_1_run(run_v1):
                      and "image_attention_share" in _column(t, "metric"))
     assert {"layer 0", "layer 1"} <= set(_column(breakdown, "breakdown"))
     titles = [b["figure"]["layout"]["title"]["text"] for b in interp["blocks"] if b["type"] == "figure"]
-    assert "image_attention_share per layer and head (mean over examples)" in titles
+    assert "Attention on image tokens per layer and head (mean over examples)" in titles
     knock = next(t for t in _tables(interp) if "effect" in _column(t, "metric"))
     assert "image-&gt;last · layer 1" in _column(knock, "breakdown") or "image->last · layer 1" in \
         _column(knock, "breakdown")
@@ -146,7 +149,9 @@ def test_report_reads_a_version_1_run(run_v1):
     # the missing folders are said, not fatal
     assert doc["integrity"]["data_check"].startswith("data folder not found")
     assert {f["kind"] for f in doc["integrity"]["files"]} == {"run"}
-    assert _section(doc, "data")["status"] == "partial"
+    assert _section(doc, "data")["status"] == "warnings"  # the data folder is gone: said, not fatal
+    # version 1 recorded the git revision of the folder mmaudit ran from: never shown as the model's
+    assert "model_git_revision" not in json.dumps(doc)
 
 
 def test_report_html_and_json_of_a_version_1_run(run_v1, monkeypatch, capsys):
@@ -155,6 +160,7 @@ def test_report_html_and_json_of_a_version_1_run(run_v1, monkeypatch, capsys):
         assert cli.main(["report", str(run_v1), "--format", fmt, "--store", str(run_v1.parent / "none.duckdb")]) == 0
     page = (run_v1 / "report.html").read_text().replace("<wbr>", "")
     assert "<h3>Group fairness (group_fairness)</h3>" in page and "group = a &amp; gender_word = man" in page
+    assert "model_git_revision" not in page  # the audit tool's checkout, not the model's
     doc = json.loads((run_v1 / "report.json").read_text())
     assert doc["schema_version"] == 2 and doc["run_id"] == "a5d8d81780b5"
     # the report read only the run's own files

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from audit.catalog import SECTIONS
 from audit.errors import InputError
-from audit.report import results, sections
+from audit.report import closing, provenance, results, sections, verdict
 from audit.report.integrity import HashBudget, integrity_manifest
 from audit.report.load import load_bundle
 from audit.report.output import check_target
@@ -20,9 +20,9 @@ __all__ = ["build_document", "build_report", "SECTION_IDS", "DOC_SCHEMA_VERSION"
 
 # 2: sections follow the catalog, metrics carry typed `dims`, tables have typed breakdowns.
 DOC_SCHEMA_VERSION = 2
-# The catalog's result sections sit between the protocol and the mitigations.
-SECTION_IDS = ("identity", "architecture", "data", "protocol", *SECTIONS, "mitigations", "targets", "limitations",
-               "manifest", "mapping")
+# The catalog's result sections sit between the protocol and the mitigations; the glossary closes.
+SECTION_IDS = ("identity", "architecture", "data", "protocol", *SECTIONS, "mitigations", "targets", "samples",
+               "limitations", "manifest", "mapping", "glossary")
 
 
 def _json_safe(obj):
@@ -49,27 +49,39 @@ def build_document(run_dir: str | Path, *, store: str | Path | None = None, base
     secs += [results.result_section(b, sid) for sid in SECTIONS]
     secs.append(results.mitigations(b))
     target_sec, target_results = results.targets(b)
-    secs += [target_sec, sections.limitations(b, integ), sections.manifest(b, integ)]
+    secs += [target_sec, closing.samples_section(b, store=str(store) if store else None),
+             sections.limitations(b, integ), sections.manifest(b, integ)]
     titles = {s["id"]: s["title"] for s in secs}
-    secs.append(sections.mapping(titles))
+    secs += [sections.mapping(titles), closing.glossary(b)]
+    s = b.summary
+    findings = [f for f in s.get("findings") or [] if isinstance(f, dict)]
+    verdict.settle(secs, findings, target_results)
     for i, sec in enumerate(secs, start=1):
         sec["number"] = i
-    s = b.summary
-    sev = Counter(str(f.get("severity")) for f in s.get("findings") or [])
+    sev = Counter(str(f.get("severity")) for f in findings)
     name = (b.policy.system.name if b.policy and b.policy.system and b.policy.system.name
             else Path(str((s.get("model") or {}).get("path", "model"))).name)
-    verdict = None
-    if b.policy is not None:
-        verdict = "fail" if any(r["status"] == "fail" for r in target_results) else "pass"
+    policy_name = (b.policy_path.name if b.policy_path else "policy") if b.policy is not None else None
+    cover = verdict.cover_verdict(findings, target_results, policy=policy_name)
+    top, more = verdict.top_findings(findings)
+    run = {k: s.get(k) for k in ("run_id", "created", "data", "config", "parent_run_id")}
+    # The model's own provenance and the environment, never a source checkout of the audit tool.
+    run["model"] = {k: v for k, v in (s.get("model") or {}).items() if not provenance.is_tool_checkout(k)
+                    or k in ("revision", "commit")}
+    run["environment"] = provenance.environment(s.get("environment"))
     doc = {
         "schema_version": DOC_SCHEMA_VERSION,
         "kind": "mmaudit-report",
         "title": f"Audit report: {name}",
         "generated": integ["generated"],
         "run_id": s.get("run_id"),
-        "run": {k: s.get(k) for k in ("run_id", "created", "model", "data", "config", "environment", "parent_run_id")},
+        "run": run,
         "overview": {"findings": f"{sev.get('fail', 0)} fail, {sev.get('warning', 0)} warning, {sev.get('info', 0)} info",
-                     "targets_verdict": verdict,
+                     "targets_verdict": cover["status"] if b.policy is not None else None,
+                     "verdict": cover,
+                     "top_findings": top, "more_findings": more,
+                     "examples": provenance.examples_line(s),
+                     "probes": provenance.probe_counts(s),
                      "sections": {x["id"]: x["status"] for x in secs}},
         "metrics": metric_records(b.metrics),
         "findings": s.get("findings") or [],
@@ -125,6 +137,6 @@ def build_report(run_dir: str | Path, fmt: str = "html", *, out: str | Path | No
     else:
         with tempfile.TemporaryDirectory(prefix="mmaudit-report-") as tmp:
             page = Path(tmp) / "report.html"
-            page.write_text(render_html(doc), encoding="utf-8")
+            page.write_text(render_html(doc, for_print=True), encoding="utf-8")
             _write_atomic(target, lambda p: print_pdf(page, p))
     return target

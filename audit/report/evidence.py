@@ -2,6 +2,7 @@
 
 - bar charts of grouped metric rows (labels from the typed breakdown, `meta.dims_label`);
 - per-layer curves of metric rows with a `layer`;
+- before/after bars of the metrics that changed most against a compared run;
 - layer x head heatmaps of result rows with `layer` and `head`;
 - image-grid heatmaps over the example image, from result rows with `grid_row`/`grid_col`;
 - counterfactual-set galleries from result rows with a `set_id`.
@@ -22,7 +23,8 @@ from audit.report.assets import (
 )
 from audit.report.blocks import figure, gallery, num
 
-__all__ = ["bar_figures", "layer_curves", "layer_head_heatmaps", "grid_gallery", "set_gallery", "member_lines"]
+__all__ = ["bar_figures", "layer_curves", "layer_head_heatmaps", "change_figures", "grid_gallery", "set_gallery",
+           "member_lines"]
 
 MAX_FIGS = 6
 N_SETS = 4
@@ -30,21 +32,42 @@ N_HEATMAPS = 6
 MAX_GRIDS = 3
 
 
-def _caption(probe: str, metric: str, extra: str = "") -> str:
+def _meaning(probe: str, metric: str) -> str:
+    """The catalog's meaning of a metric; for a per-example row value it does not list, what the chart shows."""
     meaning = meta.metric_meaning(probe, metric)
-    return " ".join(x for x in (f"What this means: {meaning}" if meaning else "", extra) if x) or None
+    if meaning:
+        return meaning
+    spec = meta.spec_of(probe)
+    return (f"the per-example value '{metric}' that {spec.title if spec else probe} writes, averaged over the "
+            "audited examples; larger cells carry more of it (the probe's description above says how it is measured).")
+
+
+def _caption(probe: str, metric: str, extra: str = "") -> str:
+    """Every chart's caption starts with one line saying what its number means."""
+    return " ".join(x for x in (f"What this means: {_meaning(probe, metric)}", extra) if x)
+
+
+def _empty(g: pd.DataFrame) -> pd.Series:
+    """Rows with nothing to draw: no value, or a group without examples (n = 0)."""
+    return g.value.isna() | (g.n.notna() & (g.n.fillna(1) <= 0))
 
 
 def bar_figures(m: pd.DataFrame, *, limit: int = MAX_FIGS) -> list[dict]:
-    """One bar chart per (metric, scope) of grouped rows without a layer (those are curves)."""
+    """One bar chart per (metric, scope) of grouped rows without a layer (those are curves);
+    groups without examples or without a value get no (blank) bar: the caption counts them."""
     out = []
-    sel = m[(m.scope != "overall") & m.layer.isna() & m.value.notna()]
+    sel = m[(m.scope != "overall") & m.layer.isna()]
     for (probe, metric, scope), g in sel.groupby(["probe", "metric", "scope"], sort=False):
-        if len(g) < 2:
+        empty = _empty(g)
+        drawn = g[~empty]
+        if len(drawn) < 2:
             continue
-        title = f"{meta.metric_label(probe, metric)} · {meta.SCOPE_SHORT.get(scope, scope)}"
-        out.append(figure(figures.bar_ci(title, meta.row_labels(g), g.value, g.ci_low, g.ci_high,
-                                         axis=meta.metric_unit(probe, metric) or metric), _caption(probe, metric)))
+        title = f"{meta.metric_label(probe, metric)} ({meta.SCOPE_SHORT.get(scope, scope)})"
+        extra = "Bars: point estimates; whiskers: 95% intervals."
+        if empty.any():
+            extra += f" {int(empty.sum())} group(s) without examples or without a value are not drawn."
+        out.append(figure(figures.bar_ci(title, meta.row_labels(drawn), drawn.value, drawn.ci_low, drawn.ci_high,
+                                         axis=meta.axis_title(probe, metric)), _caption(probe, metric, extra)))
         if len(out) >= limit:
             break
     return out
@@ -53,15 +76,15 @@ def bar_figures(m: pd.DataFrame, *, limit: int = MAX_FIGS) -> list[dict]:
 def layer_curves(m: pd.DataFrame) -> list[dict]:
     """One line chart per metric with per-layer rows; one line per other breakdown."""
     out = []
-    sel = m[m.layer.notna()]
+    sel = m[m.layer.notna() & ~_empty(m)]
     for (probe, metric), g in sel.groupby(["probe", "metric"], sort=False):
         series: dict[str, list[tuple]] = {}
         for r in g.to_dict(orient="records"):
             key = meta.dims_label({**r, "layer": None, "layer_end": None})
-            series.setdefault(key if key != "overall" else metric, []).append(
+            series.setdefault(key if key != "overall" else meta.metric_label(probe, metric), []).append(
                 (int(r["layer"]), r["value"], r["ci_low"], r["ci_high"]))
-        out.append(figure(figures.lines(f"{meta.metric_label(probe, metric)} per layer", series, xaxis="layer",
-                                        yaxis=meta.metric_unit(probe, metric) or "value"),
+        out.append(figure(figures.lines(f"{meta.metric_label(probe, metric)} per layer", series,
+                                        xaxis="layer (0 = first)", yaxis=meta.axis_title(probe, metric)),
                           _caption(probe, metric, "Shaded: 95% interval.")))
     return out
 
@@ -73,10 +96,38 @@ def layer_head_heatmaps(rows: pd.DataFrame) -> list[dict]:
     for (probe, metric), g in sel.groupby(["probe", "metric"], sort=False):
         z = g.pivot_table(index="layer", columns="head", values="value", aggfunc="mean").sort_index()
         z = z.sort_index(axis=1)
-        out.append(figure(figures.heatmap(f"{metric} per layer and head (mean over examples)", z.values.tolist(),
+        label = meta.metric_label(probe, metric)
+        out.append(figure(figures.heatmap(f"{label} per layer and head (mean over examples)", z.values.tolist(),
                                           x=[f"head {int(h)}" for h in z.columns],
-                                          y=[f"layer {int(i)}" for i in z.index], xaxis="head", yaxis="layer"),
+                                          y=[f"layer {int(i)}" for i in z.index], xaxis="head", yaxis="layer",
+                                          colorbar=meta.unit_text(probe, metric) or ""),
                           _caption(probe, metric)))
+    return out
+
+
+def change_figures(both: pd.DataFrame, *, limit: int = 4, per_chart: int = 12) -> list[dict]:
+    """Before/after bars, one chart per metric (one metric per axis): metrics with an agreed
+    direction first, each group by its largest change; p-values (tests, not effects) are left to
+    the table. `both`: metric rows with `value_before` and `delta` (this run − the compared run)."""
+    sel = both[both.delta.notna()]
+    sel = sel[[meta.metric_unit(p, m) != "p-value" for p, m in zip(sel.probe, sel.metric)]]  # tests, not effects
+    if sel.empty:
+        return []
+    size = sel.assign(a=sel.delta.abs()).groupby(["probe", "metric"], sort=False).a.max()
+    # metrics with an agreed direction (better / worse) first, then by the size of their largest change
+    order = sorted(size.index, key=lambda pm: (meta.direction(*pm) == 0, -size[pm]))
+    out = []
+    for probe, metric in order[:limit]:
+        g = sel[(sel.probe == probe) & (sel.metric == metric)]
+        g = g.reindex(g.delta.abs().sort_values(ascending=False, kind="stable").index).head(per_chart)
+        sign = meta.direction(probe, metric)
+        better = [None if sign == 0 or abs(d) < 1e-12 else d * sign > 0 for d in g.delta]
+        spec = meta.spec_of(probe)
+        title = f"{spec.title if spec else probe}: {meta.metric_label(probe, metric)}, before and after"
+        out.append(figure(figures.before_after(title, meta.row_labels(g), g.value_before, g.value, better,
+                                               axis=meta.axis_title(probe, metric)),
+                          _caption(probe, metric, "Grey: the compared run. This run: green where better, red where "
+                                                  "worse, blue where the metric has no agreed direction (catalog).")))
     return out
 
 

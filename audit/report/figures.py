@@ -3,7 +3,9 @@
 Built by hand rather than through plotly.graph_objects, so the JSON report stays readable
 (plain lists, no base64 typed arrays) and nothing here imports plotly. Every label that
 comes from a run (groups, example ids) is HTML-escaped: plotly renders a few tags in text,
-and an escaped string is shown literally.
+and an escaped string is shown literally. Figures carry no width: they fill their container
+(the report's column, the dashboard's page), and each axis shows one metric, named by its
+catalog label and unit.
 """
 from __future__ import annotations
 
@@ -11,9 +13,8 @@ import html
 import math
 from collections.abc import Sequence
 
-__all__ = ["bar_ci", "lines", "heatmap", "delta_bars", "scatter"]
+__all__ = ["bar_ci", "lines", "heatmap", "before_after", "scatter"]
 
-WIDTH = 680
 FONT = {"family": "Helvetica, Arial, sans-serif", "size": 12, "color": "#222"}
 BLUE, RED, GREEN, GREY = "#3b6ea8", "#c0392b", "#2e8b57", "#8a8a8a"
 
@@ -28,7 +29,7 @@ def _txt(s) -> str:
 
 
 def _layout(title: str, *, height: int, xaxis: dict | None = None, yaxis: dict | None = None, **extra) -> dict:
-    return {"title": {"text": _txt(title), "font": {"size": 14}}, "width": WIDTH, "height": height,
+    return {"title": {"text": _txt(title), "font": {"size": 14}}, "autosize": True, "height": height,
             "font": FONT, "margin": {"l": 10, "r": 20, "t": 50, "b": 50}, "paper_bgcolor": "white",
             "plot_bgcolor": "#fafafa", "xaxis": {"gridcolor": "#e5e5e5", "zerolinecolor": "#999", **(xaxis or {})},
             "yaxis": {"gridcolor": "#e5e5e5", "automargin": True, **(yaxis or {})}, "showlegend": False, **extra}
@@ -74,22 +75,30 @@ def lines(title: str, series: dict[str, list[tuple]], *, xaxis: str, yaxis: str)
     return {"data": data, "layout": lay}
 
 
-def heatmap(title: str, z: list[list], *, x: Sequence, y: Sequence, xaxis: str, yaxis: str) -> dict:
+def heatmap(title: str, z: list[list], *, x: Sequence, y: Sequence, xaxis: str, yaxis: str,
+            colorbar: str = "") -> dict:
     trace = {"type": "heatmap", "z": [[_num(v) for v in row] for row in z], "x": [_txt(v) for v in x],
-             "y": [_txt(v) for v in y], "colorscale": "Viridis", "hovertemplate": "%{y} %{x}: %{z:.4g}<extra></extra>"}
+             "y": [_txt(v) for v in y], "colorscale": "Viridis", "hovertemplate": "%{y} %{x}: %{z:.4g}<extra></extra>",
+             "colorbar": {"title": {"text": _txt(colorbar), "side": "right"}}}
     lay = _layout(title, height=120 + 28 * max(len(y), 3), xaxis={"title": {"text": _txt(xaxis)}, "type": "category"},
                   yaxis={"title": {"text": _txt(yaxis)}, "type": "category", "autorange": "reversed"})
     return {"data": [trace], "layout": lay}
 
 
-def delta_bars(title: str, labels: Sequence[str], deltas: Sequence, better: Sequence[bool | None]) -> dict:
-    """Signed changes, green where the change is an improvement, red where worse, grey unknown."""
-    colours = [GREEN if b is True else RED if b is False else GREY for b in better]
-    trace = {"type": "bar", "orientation": "h", "x": [_num(d) for d in deltas], "y": [_txt(x) for x in labels],
-             "marker": {"color": colours}, "hovertemplate": "%{y}: %{x:+.4g}<extra></extra>"}
-    return {"data": [trace], "layout": _layout(title, height=110 + 26 * max(len(labels), 2),
-                                               xaxis={"title": {"text": "after − before"}},
-                                               yaxis={"autorange": "reversed", "type": "category"})}
+def before_after(title: str, labels: Sequence[str], before: Sequence, after: Sequence,
+                 better: Sequence[bool | None], *, axis: str) -> dict:
+    """One metric before and after (two bars per row): grey before; after green where the change
+    is an improvement, red where worse, blue where the metric has no agreed direction."""
+    labels = [_txt(x) for x in labels]
+    colours = [GREEN if b is True else RED if b is False else BLUE for b in better]
+    data = [{"type": "bar", "orientation": "h", "name": "before", "x": [_num(v) for v in before], "y": labels,
+             "marker": {"color": "#b8bec8"}, "hovertemplate": "%{y} before: %{x:.4g}<extra></extra>"},
+            {"type": "bar", "orientation": "h", "name": "after", "x": [_num(v) for v in after], "y": labels,
+             "marker": {"color": colours}, "hovertemplate": "%{y} after: %{x:.4g}<extra></extra>"}]
+    lay = _layout(title, height=130 + 44 * max(len(labels), 2), xaxis={"title": {"text": _txt(axis)}},
+                  yaxis={"autorange": "reversed", "type": "category"}, barmode="group", showlegend=True,
+                  legend={"orientation": "h", "y": 1.02, "x": 1, "xanchor": "right", "yanchor": "bottom"})
+    return {"data": data, "layout": lay}
 
 
 def _padded(values) -> list | None:

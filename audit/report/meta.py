@@ -16,8 +16,8 @@ from audit import catalog
 from audit.catalog import ProbeSpec
 
 __all__ = ["specs", "spec_of", "probes_where", "expected_probes", "metric_label", "metric_meaning", "metric_unit",
-           "direction", "dims_label", "row_labels", "meanings", "is_missing", "ordered_metrics",
-           "SCOPE_TITLES", "SCOPE_SHORT"]
+           "direction", "direction_text", "axis_title", "unit_text", "dims_label", "row_labels", "meanings",
+           "is_missing", "ordered_metrics", "SCOPE_TITLES", "SCOPE_SHORT"]
 
 # What a metric row's `scope` says about it (table captions in both readers).
 SCOPE_TITLES = {
@@ -29,6 +29,9 @@ SCOPE_TITLES = {
 }
 SCOPE_SHORT = {"overall": "overall", "group": "per group", "intersection": "per intersection",
                "comparison": "per attribute", "breakdown": "by condition"}
+# How each catalog unit reads on an axis.
+UNITS = {"share": "share, 0 to 1", "probability": "probability, 0 to 1", "ratio": "ratio", "nats": "nats",
+         "count": "count", "epsilon": "epsilon", "p-value": "p-value, 0 to 1", "score": "score"}
 
 
 def is_missing(v) -> bool:
@@ -91,6 +94,27 @@ def metric_meaning(probe: str, metric: str) -> str | None:
 def metric_unit(probe: str, metric: str) -> str | None:
     m = catalog.metric_spec(str(probe), str(metric))
     return m.unit if m else None
+
+
+def unit_text(probe: str, metric: str) -> str | None:
+    unit = metric_unit(probe, metric)
+    return UNITS.get(unit, unit) if unit else None
+
+
+def axis_title(probe: str, metric: str) -> str:
+    """"Label (unit)" of one metric: what an axis that shows it is called."""
+    unit = unit_text(probe, metric)
+    return metric_label(probe, metric) + (f" ({unit})" if unit else "")
+
+
+def direction_text(probe: str, metric: str) -> str:
+    """Which way is better, in words (with the catalog's target when it has one)."""
+    m = catalog.metric_spec(str(probe), str(metric))
+    if m is None:
+        return "not in this mmaudit's catalog"
+    if m.target is not None:
+        return f"closer to {m.target:g} is better"
+    return {"higher": "higher is better", "lower": "lower is better"}.get(m.direction, "no agreed direction")
 
 
 def direction(probe: str, metric: str) -> int:

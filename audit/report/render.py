@@ -8,9 +8,7 @@ can close the script element it sits in.
 """
 from __future__ import annotations
 
-import html
 import json
-import math
 import os
 import re
 import secrets
@@ -20,6 +18,11 @@ import tempfile
 from pathlib import Path
 
 from audit.errors import InputError
+from audit.report.cover import cover_html
+from audit.report.escape import e as _e
+from audit.report.escape import fmt as _fmt
+from audit.report.escape import pill as _pill
+from audit.report.escape import wb as _wb
 from audit.report.output import HTML_MARK
 
 __all__ = ["render_html", "render_json", "print_pdf", "find_chromium", "ERR_NO_CHROMIUM", "CHROMIUM_ENV"]
@@ -30,36 +33,47 @@ ERR_NO_CHROMIUM = ("the pdf format prints the HTML report with headless Chromium
                    "(Debian/Ubuntu: apt-get install -y chromium) or set MMAUDIT_CHROMIUM to its path, or use "
                    "--format html")
 _B64 = re.compile(r"^[A-Za-z0-9+/]+={0,2}$")
-LEVEL_LABEL = {"missing": "Missing evidence", "warning": "Warning", "info": "Note"}
+LEVEL_LABEL = {"fail": "Fail", "missing": "Missing evidence", "warning": "Warning", "info": "Note"}
+SMALL_TABLE = (12, 1200)  # rows, characters: a table this short is kept on one page in the PDF (longer
+# ones break between rows, their header repeated: keeping them whole would leave half-empty pages)
 
 CSS = """
-:root{--ink:#1d2330;--muted:#5b6472;--line:#dfe3ea;--accent:#2f5d8f;--bg:#f6f8fb}
+:root{--ink:#1d2330;--muted:#5b6472;--line:#c9d0da;--accent:#2f5d8f;--bg:#f3f5f9}
 *{box-sizing:border-box}
 body{font-family:"DejaVu Sans",Helvetica,Arial,sans-serif;color:var(--ink);margin:0;background:white;
-     font-size:13px;line-height:1.45}
-main{max-width:960px;margin:0 auto;padding:24px 28px 60px}
+     font-size:13px;line-height:1.45;overflow-wrap:anywhere}
+main{max-width:1180px;margin:0 auto;padding:24px 28px 60px}
 h1{font-size:26px;margin:0 0 4px} h2{font-size:19px;margin:0 0 6px;color:var(--accent)}
 h3{font-size:14px;margin:16px 0 6px} h4{font-size:13px;margin:8px 0 4px}
-.sub{color:var(--muted);margin:0 0 14px}
+.sub,.muted{color:var(--muted)} .sub{margin:0 0 14px}
 .cover{border-bottom:3px solid var(--accent);padding-bottom:14px;margin-bottom:10px}
+.verdict{border:1px solid var(--line);border-left:8px solid #2e7d4f;border-radius:4px;padding:8px 12px;
+         margin:10px 0 14px;background:#f6fbf7}
+.verdict-fail{border-left-color:#b23b3b;background:#fdf3f3}
+.verdict-warnings{border-left-color:#c27c0e;background:#fff9ec}
+.verdict-head{font-size:15px}.verdict p{margin:6px 0}
+ul.findings{margin:6px 0;padding-left:18px} ul.findings li{margin:3px 0}
 .refs{font-size:11px;color:var(--muted);margin:0 0 10px}
 .refs b{color:var(--ink);font-weight:600}
 section.section{padding-top:18px;margin-top:18px;border-top:1px solid var(--line)}
-table{border-collapse:collapse;width:100%;margin:6px 0 12px;font-size:11.5px}
+table{border-collapse:collapse;border:1px solid var(--line);width:100%;margin:6px 0 12px;font-size:11.5px}
 caption{caption-side:top;text-align:left;font-weight:600;padding:4px 0;color:var(--ink)}
-th,td{border:1px solid var(--line);padding:3px 6px;vertical-align:top;text-align:left;overflow-wrap:break-word}
-thead th{background:var(--bg)}
-td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+th,td{border:1px solid var(--line);padding:3px 6px;vertical-align:top;text-align:left;overflow-wrap:anywhere}
+thead th{background:var(--bg);overflow-wrap:normal}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap;overflow-wrap:normal}
 table.kv th{width:28%;background:var(--bg);font-weight:600}
 .note{border-left:4px solid #8aa4c8;background:#f2f6fb;padding:6px 10px;margin:8px 0}
 .note-warning{border-color:#d9a400;background:#fff8e1}
-.note-missing{border-color:#b23b3b;background:#fdf0f0}
+.note-missing{border-color:#7d5ba6;background:#f6f1fb}
+.note-fail{border-color:#b23b3b;background:#fdf0f0}
 .note b{margin-right:6px}
-.pill{display:inline-block;padding:0 7px;border-radius:9px;font-size:11px;font-weight:700;color:white;background:#888}
-.pill.pass,.pill.complete{background:#2e7d4f}.pill.fail,.pill.missing{background:#b23b3b}
-.pill.skip,.pill.partial{background:#b7860b}
-figure{margin:8px 0 14px;break-inside:avoid} figcaption{font-size:11px;color:var(--muted)}
-.plot{width:680px;max-width:100%}
+.pill{display:inline-block;padding:0 7px;border-radius:9px;font-size:11px;font-weight:700;color:white;background:#888;
+      white-space:nowrap}
+.pill.pass,.pill.complete,.pill.nofindings{background:#2e7d4f}.pill.fail{background:#b23b3b}
+.pill.warnings{background:#c27c0e}.pill.missing{background:#7d5ba6}.pill.partial{background:#8a7a12}
+.pill.skip{background:#8a8a8a}.pill.info{background:#5b6f8f}
+figure{margin:8px 0 16px;break-inside:avoid} figcaption{font-size:12px;color:var(--ink);margin-top:2px}
+.plot{width:100%}
 .gallery .sets{display:flex;flex-wrap:wrap;gap:10px}
 .gallery .set{border:1px solid var(--line);border-radius:6px;padding:6px 8px;break-inside:avoid;max-width:100%}
 .gallery .items{display:flex;flex-wrap:wrap;gap:10px}
@@ -68,50 +82,21 @@ figure{margin:8px 0 14px;break-inside:avoid} figcaption{font-size:11px;color:var
 .noimg{width:192px;height:60px;border:1px dashed var(--line);color:var(--muted);display:flex;align-items:center;
        justify-content:center;font-size:11px}
 .thumb figcaption{overflow-wrap:anywhere;color:var(--ink)}
-nav.toc ol{columns:2;margin:6px 0 0;padding-left:20px}
 .trunc{color:var(--muted);font-size:11px}
 @page{size:A4;margin:12mm}
-h2,h3,h4,caption,.refs{break-after:avoid}
-@media print{main{max-width:none;padding:0} section.section{break-before:page;border-top:none;margin-top:0}
- .cover{break-after:avoid} thead{display:table-header-group} tr{break-inside:avoid}
+h2,h3,h4,caption,.refs,.keep{break-after:avoid} .keep{break-inside:avoid} p,li{orphans:3;widows:3}
+table.small,table.kv,.note,.verdict,ul.findings li{break-inside:avoid}
+@media print{main{max-width:none;padding:0} section.section{padding-top:10px;margin-top:12px}
+ thead{display:table-header-group} tr{break-inside:avoid}
  table{font-size:10px} td.num{white-space:normal}}
 """
-
-
-def _e(x) -> str:
-    return html.escape("" if x is None else str(x), quote=True)
-
-
-_PUNCT = re.compile(r"(?<=[_/.,=&;:])")
-_SPACE = re.compile(r"(\s+)")
-
-
-def _wb(x) -> str:
-    """Escaped text with <wbr> break opportunities after _ / . , = & ; : and inside runs over 24 characters."""
-    s = "" if x is None else str(x)
-    if len(s) < 12:
-        return html.escape(s, quote=True)
-    out = []
-    for piece in _PUNCT.split(s):
-        for tok in _SPACE.split(piece):
-            if len(tok) > 24 and not tok.isspace():
-                out.append("<wbr>".join(html.escape(tok[i:i + 24], quote=True) for i in range(0, len(tok), 24)))
-            else:
-                out.append(html.escape(tok, quote=True))
-        out.append("<wbr>")
-    return "".join(out[:-1])
-
-
-def _fmt(x) -> str:
-    if x is None:
-        return "—"
-    if isinstance(x, bool):
-        return "yes" if x else "no"
-    if isinstance(x, int):
-        return str(x)
-    if isinstance(x, float):
-        return "—" if not math.isfinite(x) else f"{x:.4g}"
-    return str(x)
+# The PDF lays the page out at the printable width of A4 (210 mm - 2 x 12 mm margins), so that
+# charts, which plotly sizes once to their container, are drawn at the width they are printed at.
+PRINT_CSS = ("main{width:186mm;max-width:186mm;margin:0;padding:0} body{font-size:11px} h1{font-size:22px} "
+             "h2{font-size:16px} h3{font-size:13px} .thumb{width:128px} .thumb img{width:120px;height:120px} "
+             ".noimg{width:120px} .thumb figcaption{font-size:9px} .gallery .set{max-width:49%} "
+             ".gallery .set:has(.thumb:nth-child(3)){max-width:100%} .gallery .set h4{font-size:10px}")
+PRINT_HEIGHT, PRINT_MIN_HEIGHT = 0.75, 200  # charts are drawn this much shorter in the PDF
 
 
 def _script_json(obj) -> str:
@@ -128,7 +113,9 @@ def _refs(refs: dict) -> str:
 def _table(b: dict) -> str:
     cols = b.get("columns") or []
     status_i = cols.index(b["status_col"]) if b.get("status_col") in cols else -1
-    out = ['<table class="data">']
+    rows_ = b.get("rows") or []
+    small = len(rows_) <= SMALL_TABLE[0] and sum(len(str(c)) for r in rows_ for c in r) <= SMALL_TABLE[1]
+    out = [f'<table class="data{" small" if small else ""}">']
     if b.get("caption"):
         out.append(f"<caption>{_e(b['caption'])}</caption>")
     out.append("<thead><tr>" + "".join(f"<th>{_wb(c)}</th>" for c in cols) + "</tr></thead><tbody>")
@@ -136,7 +123,7 @@ def _table(b: dict) -> str:
         cells = []
         for i, c in enumerate(row):
             if i == status_i and isinstance(c, str):
-                cells.append(f'<td><span class="pill {_e(c.lower())}">{_e(c.upper())}</span></td>')
+                cells.append(f"<td>{_pill(c)}</td>")
             elif isinstance(c, (int, float)) and not isinstance(c, bool):
                 cells.append(f'<td class="num">{_e(_fmt(c))}</td>')
             else:
@@ -168,7 +155,7 @@ def _gallery(b: dict) -> str:
     return "".join(out)
 
 
-def _block(b: dict, fig_id: str, nonce: str) -> str:
+def _block(b: dict, fig_id: str, nonce: str, responsive: bool = True) -> str:
     t = b.get("type")
     if t == "heading":
         return f"<h3>{_e(b.get('text'))}</h3>"
@@ -191,49 +178,44 @@ def _block(b: dict, fig_id: str, nonce: str) -> str:
     if t == "figure":
         fig = b.get("figure") or {}
         cap = f"<figcaption>{_e(b['caption'])}</figcaption>" if b.get("caption") else ""
-        cfg = {"displayModeBar": False, "displaylogo": False, "responsive": False, "showLink": False}
+        cfg = {"displayModeBar": False, "displaylogo": False, "responsive": responsive, "showLink": False}
+        layout = dict(fig.get("layout") or {})
+        if not responsive and isinstance(layout.get("height"), (int, float)):  # print: a page is short
+            layout["height"] = max(PRINT_MIN_HEIGHT, round(layout["height"] * PRINT_HEIGHT))
         return (f'<figure><div class="plot" id="{fig_id}"></div>{cap}</figure>'
                 f'<script nonce="{nonce}">Plotly.newPlot("{fig_id}",{_script_json(fig.get("data", []))},'
-                f'{_script_json(fig.get("layout", {}))},{_script_json(cfg)});</script>')
+                f'{_script_json(layout)},{_script_json(cfg)});</script>')
     return ""
 
 
-def _cover(doc: dict) -> str:
-    run, ov = doc.get("run") or {}, doc.get("overview") or {}
-    model, data = run.get("model") or {}, run.get("data") or {}
-    rows = "".join(
-        f'<tr><td><a href="#sec-{_e(s["id"])}">{_e(s.get("number", i))}. {_e(s["title"])}</a></td>'
-        f'<td><span class="pill {_e(s["status"])}">{_e(s["status"].upper())}</span></td>'
-        f'<td>{_e("; ".join(s.get("notes") or []))}</td></tr>'
-        for i, s in enumerate(doc.get("sections") or [], start=1))
-    verdict = ov.get("targets_verdict")
-    vtxt = (f'<span class="pill {_e(verdict)}">{_e(str(verdict).upper())}</span>' if verdict else "no policy given")
-    return (f'<header class="cover"><h1>{_e(doc.get("title"))}</h1>'
-            f'<p class="sub">run {_e(doc.get("run_id"))} · audited {_e(run.get("created"))} · report generated '
-            f'{_e(doc.get("generated"))} · mmaudit {_e((run.get("environment") or {}).get("mmaudit"))}</p>'
-            f'<table class="kv"><tr><th>model</th><td>{_e(model.get("path"))} ({_e(model.get("architecture"))})</td></tr>'
-            f'<tr><th>data</th><td>{_e(data.get("path"))} ({_e(data.get("n"))} audited examples)</td></tr>'
-            f'<tr><th>findings</th><td>{_e(ov.get("findings"))}</td></tr>'
-            f'<tr><th>targets</th><td>{vtxt}</td></tr></table>'
-            f'<table class="data"><caption>Sections and the state of their evidence</caption>'
-            f'<thead><tr><th>section</th><th>evidence</th><th>notes</th></tr></thead><tbody>{rows}</tbody></table>'
-            "</header>")
+def _section(s: dict, i: int, nonce: str, n: int, *, responsive: bool) -> tuple[str, int]:
+    """One section's HTML (and the figure counter after it). Its title stays with its first lines,
+    and a probe's heading with the sentence under it, on one printed page."""
+    out = [f'<section class="section" id="sec-{_e(s.get("id"))}"><div class="keep"><h2>{_e(s.get("number", i))}. '
+           f'{_e(s.get("title"))}</h2>{_refs(s.get("references") or {})}</div>']
+    blocks, j = s.get("blocks") or [], 0
+    while j < len(blocks):
+        pair = (blocks[j].get("type") == "heading" and j + 1 < len(blocks)
+                and blocks[j + 1].get("type") in ("text", "note"))
+        parts = []
+        for b in blocks[j:j + 2] if pair else blocks[j:j + 1]:
+            n += b.get("type") == "figure"
+            parts.append(_block(b, f"fig-{n}", nonce, responsive))
+        out.append(f'<div class="keep">{"".join(parts)}</div>' if pair else parts[0])
+        j += 2 if pair else 1
+    out.append("</section>")
+    return "".join(out), n
 
 
-def render_html(doc: dict, *, plotly_js: str | None = None, cover: bool = True) -> str:
+def render_html(doc: dict, *, plotly_js: str | None = None, cover: bool = True, for_print: bool = False) -> str:
     """The whole report as one HTML page (inline plotly.js unless the document has no figure).
-    `cover=False` leaves out the title block (e.g. to show one section on its own)."""
+    `cover=False` leaves out the title block (e.g. to show one section on its own); `for_print`
+    lays the page out at A4's printable width (the PDF)."""
     nonce = secrets.token_urlsafe(18)
     body, n = [], 0
     for i, s in enumerate(doc.get("sections") or [], start=1):
-        parts = [f'<section class="section" id="sec-{_e(s.get("id"))}"><h2>{_e(s.get("number", i))}. '
-                 f'{_e(s.get("title"))}</h2>',
-                 _refs(s.get("references") or {})]
-        for b in s.get("blocks") or []:
-            n += b.get("type") == "figure"
-            parts.append(_block(b, f"fig-{n}", nonce))
-        parts.append("</section>")
-        body.append("".join(parts))
+        html_, n = _section(s, i, nonce, n, responsive=not for_print)
+        body.append(html_)
     has_fig = any(b.get("type") == "figure" for s in doc.get("sections") or [] for b in s.get("blocks") or [])
     if has_fig and plotly_js is None:
         from plotly.offline import get_plotlyjs
@@ -246,8 +228,8 @@ def render_html(doc: dict, *, plotly_js: str | None = None, cover: bool = True) 
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">" + HTML_MARK.decode() +
             f'<meta http-equiv="Content-Security-Policy" content="{csp}">'
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{_e(doc.get('title'))}</title><style>{CSS}</style>{js}</head><body><main>"
-            f"{_cover(doc) if cover else ''}{''.join(body)}</main></body></html>\n")
+            f"<title>{_e(doc.get('title'))}</title><style>{CSS}{PRINT_CSS if for_print else ''}</style>{js}"
+            f"</head><body><main>{cover_html(doc) if cover else ''}{''.join(body)}</main></body></html>\n")
 
 
 def render_json(doc: dict) -> str:

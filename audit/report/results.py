@@ -10,10 +10,9 @@ from __future__ import annotations
 import pandas as pd
 
 from audit.catalog import SECTIONS
-from audit.report import evidence, figures, meta
+from audit.report import evidence, meta
 from audit.report.blocks import (
     bullets,
-    figure,
     heading,
     kv,
     metric_table,
@@ -177,16 +176,7 @@ def mitigations(b: RunBundle) -> dict:
         rows.append([r["probe"], r["metric"], None if meta.is_missing(r["group"]) else r["group"],
                      num(r["value_before"]), num(r["value"]), d, _change(d, meta.direction(r["probe"], r["metric"])),
                      _disjoint(r)])
-    top = [r for r in recs if r["scope"] in ("overall", "comparison") and num(r["delta"]) is not None][:20]
-    if top:
-        labels = [f"{r['probe']} · {meta.metric_label(r['probe'], r['metric'])}"
-                  + ("" if meta.is_missing(r["group"]) else f" [{r['group']}]") for r in top]
-        better = [None if (c := _change(num(r["delta"]), meta.direction(r["probe"], r["metric"]))) is None
-                  else c == "better" for r in top]
-        blocks.append(figure(figures.delta_bars("Largest changes: this run − the compared run", labels,
-                                                [r["delta"] for r in top], better),
-                             "green: improvement, red: regression, grey: no agreed direction (the catalog's direction "
-                             "of each metric)"))
+    blocks += evidence.change_figures(both[both.scope.isin(["overall", "comparison"])])
     blocks.append(table(["probe", "metric", "group", "before", "after", "after − before", "change",
                          "95% intervals disjoint"], rows, "Every metric present in both runs, largest change first"))
     blocks.append(text("'change' is the direction of the point estimates only. '95% intervals disjoint' marks changes "

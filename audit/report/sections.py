@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from audit.catalog import SECTIONS, suite_probes
-from audit.report import meta, regulation
+from audit.catalog import suite_probes
+from audit.report import datacard, meta, provenance, regulation, verdict
 from audit.report.blocks import bullets, kv, metric_table, note, section, table, text, what_this_means
 from audit.report.load import RunBundle, read_small_json
 
@@ -46,10 +46,11 @@ def identity(b: RunBundle) -> dict:
              ("intended use", sysinfo.intended_use if sysinfo else None),
              ("intended users", sysinfo.intended_users if sysinfo else None),
              ("out of scope", sysinfo.out_of_scope if sysinfo else None),
-             ("run id", s.get("run_id")), ("audited on", s.get("created")),
-             ("model path", model.get("path")), ("model sha256", model.get("sha256"))]
-    blocks = [kv([(k, v if v is not None else "not declared") for k, v in items])]
-    notes = []
+             ("run id", s.get("run_id")), ("audited on", s.get("created"))]
+    blocks = [kv([(k, v if v is not None else "not declared") for k, v in items]),
+              kv(provenance.model_items(model), "The audited model (as the run recorded it when loading it)")]
+    blocks += [note(msg, level) for level, _, msg in provenance.model_notes(model)]
+    notes = [short for _, short, _ in provenance.model_notes(model)]
     if not (sysinfo and sysinfo.intended_use):
         notes.append("intended use not declared")
         blocks.append(note("The intended use is not declared. Add `system: {name, provider, intended_use, "
@@ -57,7 +58,8 @@ def identity(b: RunBundle) -> dict:
                            "warning"))
     sev = Counter(str(f.get("severity")) for f in s.get("findings") or [])
     blocks.append(text(f"Findings of this run: {sev.get('fail', 0)} fail, {sev.get('warning', 0)} warning, "
-                       f"{sev.get('info', 0)} info (listed under Limitations)."))
+                       f"{sev.get('info', 0)} info (on the cover, in the section each belongs to, and under "
+                       "Limitations)."))
     return section("identity", "System identity and intended use", blocks,
                    status="partial" if notes else "complete", notes=notes)
 
@@ -194,7 +196,10 @@ def data(b: RunBundle) -> dict:
                            "per group cannot be examined.", "info"))
     card = read_small_json(b.data_dir / "datacard.json") if b.data_dir is not None else None
     if card:
-        blocks.append(kv([(k, json.dumps(v)[:200]) for k, v in card.items()][:30], "datacard.json"))
+        blocks += datacard.datacard_blocks(card)
+    else:
+        blocks.append(note("The data folder has no datacard.json: where the examples come from, under which "
+                           "licence and how they were mapped is not recorded.", "info"))
     return section("data", "Data governance and bias examination", blocks)
 
 
@@ -202,34 +207,48 @@ def data(b: RunBundle) -> dict:
 def _status(b: RunBundle, probe: str, ran: set[str]) -> str:
     info = (b.summary.get("probes") or {}).get(probe)
     if probe in ran:
-        examples = info.get("examples") if isinstance(info, dict) else None
-        return "ran" + (f" on {examples} examples" if examples is not None else "")
+        return "ran" if not isinstance(info, dict) or info.get("status") in (None, "ok") else str(info["status"])
     return "; ".join(b.skipped().get(probe, ["no results"]))
+
+
+def probe_counts_table(summary: dict, *, caption: str) -> dict | None:
+    """Per probe: status, examples audited, examples that fit it, whether --max-examples capped it."""
+    counts = provenance.probe_counts(summary)
+    if not counts:
+        return None
+    rows = [[c["probe"], meta.spec_of(c["probe"]).title if meta.spec_of(c["probe"]) else c["probe"], c["status"],
+             c["examples"], c["selected"], "yes" if c["capped"] else "no"] for c in counts]
+    return table(["probe", "title", "status", "examples audited", "examples that fit", "capped by --max-examples"],
+                 rows, caption)
 
 
 def protocol(b: RunBundle) -> dict:
     s = b.summary
-    cfg, env = s.get("config") or {}, s.get("environment") or {}
+    cfg, env = s.get("config") or {}, provenance.environment(s.get("environment"))
     items = [("seed", cfg.get("seed")), ("suite", cfg.get("suite")), ("probes requested", ", ".join(b.requested_probes())),
              ("max examples per probe", cfg.get("max_examples")), ("batch size", cfg.get("batch_size")),
              ("device", env.get("device") or cfg.get("device")), ("result schema version", b.version)]
     items += [(f"version: {k}", v) for k, v in sorted(env.items()) if k != "device"]
     items.append(("confidence intervals", INTERVALS.get(b.version, INTERVALS[2])))
-    blocks = [kv(items)]
+    blocks = [kv(items), text(provenance.examples_line(s)),
+              probe_counts_table(s, caption="Examples per probe (from summary.json's probes block)")]
     ran = b.ran()
     rows = []
     for p in list(dict.fromkeys(b.requested_probes() + sorted(ran))):
         spec = meta.spec_of(p)
         m = b.metrics[b.metrics.probe == p]
-        rows.append([p, spec.title if spec else "(not in this mmaudit's catalog)",
-                     SECTIONS.get(spec.section, "") if spec else "", spec.description if spec else "",
-                     spec.citation if spec else "", ", ".join(meta.ordered_metrics(p, m.metric)) or "none",
-                     int(m.n.max()) if len(m) and m.n.notna().any() else None, _status(b, p, ran)])
-    blocks.append(table(["probe", "title", "report section", "definition", "citation", "metrics reported", "max n",
-                         "status"], rows, "Probes: what each measures and where the method comes from"))
+        rows.append([f"{spec.title} ({p})" if spec else f"{p} (not in this mmaudit's catalog)",
+                     spec.description if spec else "", spec.citation if spec else "",
+                     ", ".join(meta.ordered_metrics(p, m.metric)) or "none", _status(b, p, ran)])
+    blocks.append(table(["probe", "definition", "citation", "metrics reported", "status"], rows,
+                        "Probes: what each measures and where the method comes from"))
     overall = b.metrics[b.metrics.scope == "overall"]
     blocks += [metric_table(overall, "Overall metric rows (grouped rows are in the result sections)"),
                what_this_means(overall)]
+    run_findings = [f for f in s.get("findings") or [] if isinstance(f, dict)
+                    and verdict.finding_section(f) == "protocol"]
+    blocks.append(bullets([f"[{f.get('severity')}] {f.get('probe')}: {f.get('message')}" for f in run_findings],
+                          "Findings about the run itself"))
     notes = [f"{p} did not run" for p in b.requested_probes() if p not in ran]
     return section("protocol", "Evaluation protocol", blocks, status="partial" if notes else "complete", notes=notes)
 
@@ -258,9 +277,13 @@ def limitations(b: RunBundle, integrity: dict | None = None) -> dict:
     undefined = int(b.metrics.value.isna().sum())
     if undefined:
         items.append(f"{undefined} metric row(s) are undefined (e.g. a ratio with a zero denominator).")
-    if b.data_dir is not None and read_small_json(b.data_dir / "datacard.json") is not None:
-        items.append("The data folder carries a generator datacard (synthetic data): results describe behaviour on "
-                     "these scenes and do not transfer to real-world inputs.")
+    card = read_small_json(b.data_dir / "datacard.json") if b.data_dir is not None else None
+    if card is not None and datacard.origin(card) == datacard.SYNTHETIC:
+        items.append("The data is synthetic (the generator's datacard): results describe behaviour on these scenes "
+                     "and do not transfer to real-world inputs.")
+    elif card is not None and datacard.origin(card) == datacard.IMPORTED:
+        items.append("The data was imported from benchmark files (see the data card): results describe behaviour on "
+                     "those examples and transfer to deployment inputs only as far as they resemble them.")
     if any(meta.spec_of(p) and meta.spec_of(p).page == "attention" for p in ran):
         items.append("Attention weights show where the model looks, not why it answers; they are not a faithful "
                      "explanation on their own (Jain & Wallace 2019).")

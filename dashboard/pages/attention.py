@@ -39,7 +39,7 @@ def heatmap_panel(ctx: ui.Context, r, example: str) -> None:
     st.text(f"grid {heat.shape[0]}x{heat.shape[1]}; values min {np.nanmin(heat):.4f}, max {np.nanmax(heat):.4f}")
 
 
-def layer_head_panel(r) -> None:
+def layer_head_panel(r, probe: str) -> None:
     t = r[r.layer.notna() & r["head"].notna() & r.value.notna()]
     if t.empty:
         st.text("no per-layer and per-head rows for this example")
@@ -51,7 +51,7 @@ def layer_head_panel(r) -> None:
     choice = st.selectbox("Layer", ["all layers", *layers], key="attn_layer")
     if choice == "all layers":
         z = t.pivot_table(index="layer", columns="head", values="value", aggfunc="mean")
-        ui.show_figure(figures.heatmap(f"{metric} per layer and head", z.values.tolist(),
+        ui.show_figure(figures.heatmap(f"{meta.metric_label(probe, metric)} per layer and head", z.values.tolist(),
                                        x=[f"head {int(h)}" for h in z.columns], y=[f"layer {int(i)}" for i in z.index],
                                        xaxis="head", yaxis="layer"))
         return
@@ -59,7 +59,8 @@ def layer_head_panel(r) -> None:
     heads = st.multiselect("Heads", [int(h) for h in part["head"]], default=[int(h) for h in part["head"]],
                            key="attn_heads")
     part = part[part["head"].isin(heads)].assign(ci_low=np.nan, ci_high=np.nan)
-    ui.show_figure(ui.bar_ci(f"{choice}: {metric} per head", part, axis=metric))
+    ui.show_figure(ui.bar_ci(f"{choice}: {meta.metric_label(probe, metric)} per head", part,
+                             axis=meta.axis_title(probe, metric)))
     if len(part):
         st.text(f"mean over the selected heads: {part.value.mean():.4f}")
 
@@ -87,4 +88,4 @@ if ctx is not None:
             heatmap_panel(ctx, r, example)
         with right:
             st.markdown("**By layer and head**")
-            layer_head_panel(r)
+            layer_head_panel(r, probe)

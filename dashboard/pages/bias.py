@@ -71,7 +71,9 @@ def attribute_tabs(fm: pd.DataFrame) -> str | None:
             metric = st.selectbox("Metric", sorted(per.metric.unique()), key="bias_metric")
             sel = per[per.metric == metric]
             probe = sel.probe.iloc[0]
-            ui.show_figure(ui.bar_ci(f"{meta.metric_label(probe, metric)} by {attr}", sel, axis=metric))
+            ui.show_figure(ui.bar_ci(f"{meta.metric_label(probe, metric)} by {attr}", sel,
+                                     axis=meta.axis_title(probe, metric)))
+            ui.plain_caption(f"What this means: {meta.metric_meaning(probe, metric) or metric}")
             ui.show_table(ui.metric_frame(per))
             ui.show_meanings(per)
         st.markdown("**Comparisons for this attribute**")
@@ -85,8 +87,11 @@ def attribute_tabs(fm: pd.DataFrame) -> str | None:
         else:
             metric = st.selectbox("Metric", sorted(inter.metric.unique()), key="bias_inter_metric")
             sel = inter[inter.metric == metric]
-            ui.show_figure(ui.bar_ci(f"{meta.metric_label(sel.probe.iloc[0], metric)} by intersection", sel,
-                                     axis=metric))
+            probe = sel.probe.iloc[0]
+            ui.show_figure(ui.bar_ci(f"{meta.metric_label(probe, metric)} by intersection", sel,
+                                     axis=meta.axis_title(probe, metric)))
+            ui.plain_caption(f"What this means: {meta.metric_meaning(probe, metric) or metric}; intersections "
+                             "without examples are not drawn.")
             ui.show_table(ui.metric_frame(inter))
             ui.show_table(ui.metric_frame(fm[(fm.scope == "comparison") & fm.attribute2.notna()]))
     return attr

@@ -1,12 +1,13 @@
 """Run comparison: a candidate run against a baseline (by default its parent run). Rows are
 matched by their CONTRACT label (probe, metric, group), the same in every schema version;
-whether a change is better or worse follows the catalog's direction of each metric."""
+whether a change is better or worse follows the catalog's direction of each metric. The metrics
+that changed most are drawn one per chart, before (grey) against after."""
 from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
 
-from audit.report import figures, meta
+from audit.report import evidence, meta
 from dashboard import data, ui
 
 
@@ -47,12 +48,10 @@ if ctx is not None:
         if st.toggle("Only rows present in both runs", value=True, key="cmp_both"):
             both = both[both.value.notna() & both.value_baseline.notna()]
         both = both.reindex(both.delta.abs().sort_values(ascending=False, na_position="last").index)
-        top = both[both.delta.notna()].head(20)
-        if len(top):
-            labels = [f"{p} · {meta.metric_label(p, x)}" + (f" [{g}]" if isinstance(g, str) else "")
-                      for p, x, g in zip(top.probe, top.metric, top.group)]
-            better = [None if c is None else c == "better" for c in top.change]
-            ui.show_figure(figures.delta_bars("Largest changes (candidate − baseline)", labels, top.delta, better))
+        # one chart per metric (one metric per axis), the metrics that changed most first
+        for i, blk in enumerate(evidence.change_figures(both.rename(columns={"value_baseline": "value_before"}))):
+            ui.show_figure(blk["figure"], key=f"cmp-{i}")
+            ui.plain_caption(blk["caption"])
         table = ui.metric_frame(both).drop(columns=["95% CI low", "95% CI high", "value"])
         table = table.assign(baseline=both.value_baseline.tolist(), candidate=both.value.tolist(),
                              delta=both.delta.tolist(), change=both.change.tolist(),

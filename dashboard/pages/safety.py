@@ -19,4 +19,4 @@ if ctx is not None:
     f = f[f.probe.isin(shown)]
     if len(f):
         st.markdown("**Findings**")
-        ui.show_table(f)
+        ui.show_findings(f)
