@@ -24,7 +24,7 @@ __all__ = ["FAMILIES", "GENERATIVE", "DUAL", "MODEL_TYPE", "NEEDS", "build_famil
 
 GENERATIVE = ("llava", "llava_next", "llava_onevision", "mllama", "qwen2_vl", "qwen2_5_vl", "idefics3", "gemma3",
               "qwen3_vl", "qwen3_vl_moe", "internvl", "smolvlm", "paligemma",
-              "mistral3", "llava_pixtral", "llama4")
+              "mistral3", "llava_pixtral", "llama4", "vipllava")
 DUAL = ("clip", "siglip")
 FAMILIES = GENERATIVE + DUAL
 MODEL_TYPE = {"llava_pixtral": "llava"}  # test families that are another form of a registered model_type
@@ -94,6 +94,19 @@ def _llava():
                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
                           chat_template=tok.chat_template)
     return LlavaForConditionalGeneration(cfg), proc
+
+
+def _vipllava():
+    from transformers import LlavaProcessor, VipLlavaConfig, VipLlavaForConditionalGeneration
+
+    tok = _tokenizer(named={"image_token": "<image>"}, image_text="<image>")
+    cfg = VipLlavaConfig(vision_config=_clip_vision(model_type="clip_vision_model"),
+                         text_config=dict(model_type="llama", **_llama(tok)), image_token_id=tok.image_token_id,
+                         image_seq_length=(IMAGE // PATCH) ** 2, vision_feature_layers=[-1])
+    proc = LlavaProcessor(image_processor=_square_clip_processor(), tokenizer=tok, patch_size=PATCH,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=tok.chat_template)
+    return VipLlavaForConditionalGeneration(cfg), proc
 
 
 PINPOINTS = [[IMAGE, IMAGE], [IMAGE, 2 * IMAGE], [2 * IMAGE, IMAGE], [2 * IMAGE, 2 * IMAGE]]
@@ -369,7 +382,7 @@ def _siglip():
 
 
 _BUILDERS = {
-    "llava": _llava, "llava_next": _llava_next, "llava_onevision": _llava_onevision, "mllama": _mllama,
+    "llava": _llava, "llava_next": _llava_next, "vipllava": _vipllava, "llava_onevision": _llava_onevision, "mllama": _mllama,
     "qwen2_vl": lambda: _qwen("qwen2_vl"), "qwen2_5_vl": lambda: _qwen("qwen2_5_vl"),
     "qwen3_vl": lambda: _qwen3("qwen3_vl"), "qwen3_vl_moe": lambda: _qwen3("qwen3_vl_moe"),
     "mistral3": lambda: _pixtral("mistral3"), "llava_pixtral": lambda: _pixtral("llava_pixtral"),

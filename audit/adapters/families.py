@@ -67,6 +67,7 @@ _GENERATIVE = {
     "llava": dict(requires_class="LlavaConfig", adapter=_PIXTRAL,
                   notes="Pixtral-12B is a llava checkpoint with a Pixtral tower (its processor needs torchvision)."),
     "llava_next": dict(requires_class="LlavaNextConfig"),
+    "vipllava": dict(requires_class="VipLlavaConfig"),
     "llava_onevision": dict(requires_class="LlavaOnevisionConfig"),
     "gemma3": dict(requires_class="Gemma3Config"),
     "paligemma": dict(requires_class="PaliGemmaConfig", adapter="audit.adapters.paligemma:PaliGemmaAdapter",

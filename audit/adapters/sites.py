@@ -53,6 +53,7 @@ GENERATIVE_FAMILIES: dict[str, FamilySites] = {
     # Pixtral-12B is a `llava` checkpoint whose vision tower is Pixtral's, not CLIP's.
     "llava": replace(_LLAVA, vision_layers=f"{_LLAVA.vision_layers}|model.vision_tower.transformer.layers"),
     "llava_next": _LLAVA,
+    "vipllava": _LLAVA,  # walkthrough: LLaVA's module tree with multi-layer vision features
     "llava_onevision": _LLAVA,
     "gemma3": _LLAVA,
     "paligemma": _LLAVA,
