@@ -1,4 +1,4 @@
-"""The `mmaudit` command line (CONTRACT.md). Heavy imports happen inside each command."""
+"""The `mmaudit` command line (the README lists every command). Heavy imports happen inside each command."""
 from __future__ import annotations
 
 import argparse

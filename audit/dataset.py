@@ -1,4 +1,4 @@
-"""The dataset folder a user brings (CONTRACT.md "Dataset folder"): load, validate, select.
+"""The dataset folder a user brings (docs/format.md, "Dataset folder"): load, validate, select.
 
 Every problem is an InputError naming the manifest line and field, so the CLI can print
 one clear line and exit 2. Images are opened lazily and defensively (size checked from the

@@ -10,7 +10,7 @@ The policy is YAML (safe loader) validated by pydantic; an error names the file,
       - {probe: counterfactual_bias, metric: flip_rate, group: "*", max_increase: 0.02}
 
 `group` omitted means the overall row (group null); `group: "*"` checks every grouped row of
-that metric. `group` is the label CONTRACT.md gives each metric row (the same in schema
+that metric. `group` is the label docs/format.md gives each metric row (the same in schema
 versions 1 and 2), matched exactly and never parsed. `bound` picks which number is compared:
 `value` (default), `ci_low` or `ci_high` (the ends of the 95% interval; use `ci_high` with
 `max` to demand the whole interval below the limit).

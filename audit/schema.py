@@ -2,7 +2,7 @@
 
 Version 1 packed structure into strings (`layer:3`, `head:2`, `a=x&b=y`, set ids in
 `site`) that readers parsed back with regular expressions. Version 2 writes typed
-columns instead; `group` stays as the human label CONTRACT.md and policies refer to
+columns instead; `group` stays as the human label docs/format.md and policies refer to
 (e.g. `group`, `image->last`, `noise:0.05`) and is never parsed. Readers call
 `upgrade_rows` / `upgrade_metrics`, which turn a version-1 frame into the version-2 form
 (the only place that still parses v1 strings), so report, gate and dashboard read one

@@ -1,4 +1,4 @@
-"""`mmaudit defend dp|debias` (CONTRACT.md). Added to the CLI through `add_commands(subparsers)`."""
+"""`mmaudit defend dp|debias`. Added to the CLI through `add_commands(subparsers)`."""
 from __future__ import annotations
 
 import argparse
