@@ -22,17 +22,19 @@ What it does, in order:
    example (the vision position table, indexed by a shared buffer: its per-sample gradient does
    not exist); parameters the forward pass never uses (LLaVA's vision `post_layernorm`), found
    with a data-independent dummy batch; tied parameters (ghost clipping cannot split them).
-4. Trains with `PrivacyEngine.make_private_with_epsilon(..., grad_sample_mode="ghost")`:
-   Poisson sampling, noise calibrated by the chosen accountant (rdp or prv) so that the whole
-   run spends at most the target ε at δ, logical batches split by `BatchMemoryManager`. The
-   loss is one value per example (`audit.training.example_losses`: the mean answer-token NLL
-   of a generative model, the closed-choice cross-entropy of a dual encoder) fed through the
-   per-sample criterion Opacus wraps, so the privacy unit is one example (one sequence). Each
-   physical batch is one `audit.training.train_step`. An empty Poisson batch still takes a
-   noise-only step (skipping it would leak that the batch was empty).
-   `grad_sample_mode="hooks"` (option) uses Opacus' classic per-sample gradients instead: one
-   backward pass, gradients materialised per example — cheaper than ghost clipping's two
-   passes when few parameters train (LoRA on a small model; bench/dp_step.py measures both).
+4. Trains with `PrivacyEngine.make_private_with_epsilon` (through `make_private`): Poisson
+   sampling, noise calibrated by the chosen accountant (rdp or prv) so that the whole run
+   spends at most the target ε at δ, logical batches split by `BatchMemoryManager`. The loss
+   is one value per example (`audit.training.example_losses`: the mean answer-token NLL of a
+   generative model, the closed-choice cross-entropy of a dual encoder), so the privacy unit
+   is one example (one sequence). Each physical batch is one `audit.training.train_step`. An
+   empty Poisson batch still takes a noise-only step (skipping it would leak that the batch
+   was empty). Per-example clipping (`grad_sample_mode`, the same clipped sum either way):
+   "bk" book-keeping (`BookKeeping`: one backward pass, no per-parameter gradient from
+   autograd), "ghost" Opacus' ghost clipping (two backward passes), "hooks" Opacus'
+   materialised per-example gradients; "auto" (default) picks with `choose_grad_sample_mode`
+   (book-keeping unless a trainable module is outside its reach). bench/dp_step.py measures
+   all of them against the non-private step.
 5. Checks that the trainable weights changed after the first step and at the end, merges
    LoRA back (`merge_and_unload`), and writes MODEL_DIR2: safetensors weights, processor,
    `dp_accountant.json` (accountant, history [(noise multiplier, sample rate, steps)], δ — ε
@@ -77,6 +79,10 @@ __all__ = [
     "ERR_NO_TRAIN",
     "GRAD_SAMPLE_MODES",
     "MODES",
+    "BookKeeping",
+    "PrivateTraining",
+    "choose_grad_sample_mode",
+    "make_private",
     "DPConfig",
     "PerSampleCriterion",
     "dp_finetune",
@@ -88,7 +94,7 @@ __all__ = [
 
 MODES = ("lora", "full")
 ACCOUNTANTS = ("rdp", "prv")
-GRAD_SAMPLE_MODES = ("ghost", "hooks")
+GRAD_SAMPLE_MODES = ("auto", "bk", "ghost", "hooks")
 DEFAULT_LR = {"lora": 5e-3, "full": 1e-3}
 ERR_DELTA = "delta must be in (0, 1/N) with N = {n} training records (got {delta})"
 ERR_ENDPOINT = "DP fine-tuning needs the model's weights; an endpoint cannot be fine-tuned"
@@ -112,7 +118,7 @@ class DPConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     accountant: str = "rdp"
-    grad_sample_mode: str = "ghost"  # "hooks": classic per-sample gradients (one backward pass)
+    grad_sample_mode: str = "auto"  # auto | bk (book-keeping) | ghost | hooks: see choose_grad_sample_mode
     seed: int = 0
     private: bool = True  # False: the non-private control trained the same way
 
@@ -272,6 +278,244 @@ def _validator_errors(model) -> list[str]:
     return [" ".join(str(e).split()) for e in ModuleValidator.validate(model, strict=False)]
 
 
+# ---------------------------------------------------------------------------- book-keeping clipping
+class BookKeeping:
+    """Book-keeping ghost clipping (Bu et al. 2023, "Differentially private optimization on large
+    model at small cost"): per-example clipping with ONE backward pass.
+
+    Forward hooks keep each trainable module's input A and hook its output; the backward is
+    `torch.autograd.grad` towards the outputs of the modules that start the trainable graph,
+    so autograd forms no parameter gradient and runs no second pass, while the output hooks
+    receive each module's output gradient G as it is computed. From (A, G) the per-example
+    gradient norms follow, either from the materialised per-example gradients G_bᵀA_b (A and G
+    dropped at once) or, when those would outsize A and G (p·d > T·(p + d)), from the ghost
+    norm ‖G_bᵀA_b‖² = Σ_ts (A_t·A_s)(G_t·G_s) with A and G kept; then c_b = min(1, C / (‖g_b‖ + 1e-6)) — Opacus' coefficient — and the clipped
+    sum Σ_b c_b g_b, one matmul per kept linear layer. `p.grad` ends as what Opacus' ghost
+    clipping leaves after its second backward (its DPOptimizerFastGradientClipping then adds
+    the noise and averages). Linear and Embedding layers have closed forms; any other
+    trainable module (norms, the patch convolution) gets per-example gradients from torch.func.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, max_grad_norm: float) -> None:
+        self.max_grad_norm = float(max_grad_norm)
+        self.modules = [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+        self._calls: dict[torch.nn.Module, list[dict]] = {}
+        self._roots: list[torch.Tensor] = []  # outputs of modules whose input needs no gradient
+        self._handles = [m.register_forward_hook(self._capture, with_kwargs=True) for m in self.modules]
+        self._busy = False  # torch.func re-runs modules inside backward(): not a forward to keep
+        self.per_sample_norms: torch.Tensor | None = None  # of the last backward (not private: for tests)
+
+    def _capture(self, module, args, kwargs, output) -> None:
+        if self._busy or not (module.training and torch.is_grad_enabled()):
+            return
+        if len(args) != 1 or any(torch.is_tensor(v) for v in kwargs.values()) or not torch.is_tensor(output):
+            raise UnsupportedError(f"book-keeping clipping needs one tensor in and out of {type(module).__name__}",
+                                   where="defend dp")
+        if not output.requires_grad:
+            return  # its parameters are not used: no gradient
+        record = {"a": args[0].detach(), "g": None}
+        self._calls.setdefault(module, []).append(record)
+        if not args[0].requires_grad:
+            self._roots.append(output)
+        output.register_hook(lambda g, module=module, record=record: self._got(module, record, g))
+
+    def _got(self, module, record: dict, g: torch.Tensor) -> None:
+        calls = self._calls.get(module, ())
+        if len(calls) == 1 and isinstance(module, torch.nn.Linear) and not _keeps_activations(module, record["a"]):
+            record["done"] = _per_example(module, [record.pop("a")], [g])  # small: A and G go now
+        else:
+            record["g"] = g
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._calls.clear()
+        self._roots.clear()
+
+    def loss(self, losses: torch.Tensor) -> "_BookKeepingLoss":
+        """What the training closure returns: its `backward()` clips per example."""
+        return _BookKeepingLoss(self, losses)
+
+    def backward(self, losses: torch.Tensor) -> None:
+        roots, self._roots = self._roots, []
+        self._busy = True
+        try:
+            if roots:
+                torch.autograd.grad(losses.sum(), roots, allow_unused=True)
+            self._clip(losses.shape[0], losses.device)
+        finally:
+            self._busy = False
+            self._calls = {}
+
+    def _clip(self, n: int, device) -> None:
+        norms2 = torch.zeros(n, dtype=torch.float32, device=device)
+        parts = []
+        for module, calls in self._calls.items():
+            if len(calls) == 1 and "done" in calls[0]:
+                kept, sq = calls[0]["done"]
+            else:
+                calls = [c for c in calls if c["g"] is not None]
+                if not calls:
+                    continue
+                kept, sq = _per_example(module, [c["a"] for c in calls], [c["g"] for c in calls])
+            norms2 += sq
+            parts.append((module, kept))
+        norms = norms2.sqrt()
+        self.per_sample_norms = norms
+        coef = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        for module, kept in parts:
+            for p, grad in _clipped_sum(module, kept, coef).items():
+                p.grad = grad.to(p.dtype) if p.grad is None else p.grad + grad.to(p.dtype)
+
+
+class _BookKeepingLoss:
+    def __init__(self, bk: BookKeeping, losses: torch.Tensor) -> None:
+        self.bk, self.loss_per_sample = bk, losses
+
+    def backward(self) -> None:
+        self.bk.backward(self.loss_per_sample)
+
+    def detach(self) -> torch.Tensor:
+        return self.loss_per_sample.mean().detach()
+
+    def item(self) -> float:
+        return float(self.detach())
+
+
+def _trainable(module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+
+
+def _flat(ts: list[torch.Tensor]) -> torch.Tensor:
+    """[B, ..., d] per call -> [B, T, d] in float32, the calls' tokens side by side."""
+    flat = [t.reshape(t.shape[0], -1, t.shape[-1]).float() for t in ts]
+    return flat[0] if len(flat) == 1 else torch.cat(flat, 1)
+
+
+def _ghost(module: torch.nn.Linear, tokens: int) -> bool:
+    """Whether a linear layer keeps A and G (ghost norm) instead of its per-example gradients:
+    when those [p, d] matrices would take more memory than A and G, T·(p + d) per example.
+    Materialised gradients cost fewer operations (G_bᵀA_b is the weight gradient's own
+    matmul), the ghost norm adds the T x T Gram matrices; memory decides."""
+    p_out, d_in = module.weight.shape
+    return p_out * d_in > tokens * (p_out + d_in)
+
+
+def _keeps_activations(module, a: torch.Tensor) -> bool:
+    if not isinstance(module, torch.nn.Linear) or not module.weight.requires_grad:
+        return isinstance(module, torch.nn.Embedding)
+    return _ghost(module, a.numel() // (a.shape[0] * a.shape[-1]))
+
+
+def _per_example(module, a_list, g_list):
+    """(what `_clipped_sum` needs, squared per-example gradient norms [B])."""
+    params = _trainable(module)
+    if isinstance(module, torch.nn.Linear):
+        a, g = _flat(a_list), _flat(g_list)  # several calls: their tokens add up
+        sq = torch.zeros(a.shape[0], device=a.device)
+        kept = {}
+        if "weight" in params:
+            if _ghost(module, a.shape[1]):  # ghost norm from the T x T Gram matrices; A and G kept
+                sq += (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+                kept.update(a=a, g=g)
+            else:
+                kept["weight"] = torch.bmm(g.transpose(1, 2), a)  # [B, p, d]
+                sq += kept["weight"].pow(2).sum((1, 2))
+        if "bias" in params:
+            kept["bias"] = g.sum(1)
+            sq += kept["bias"].pow(2).sum(1)
+        return kept, sq
+    if isinstance(module, torch.nn.Embedding) and set(params) == {"weight"}:
+        ids = torch.cat([a.reshape(a.shape[0], -1) for a in a_list], 1)
+        g = _flat(g_list)
+        if module.padding_idx is not None:  # autograd gives the padding row no gradient
+            g = g * (ids != module.padding_idx)[..., None]
+        b = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)
+        keys, inverse = torch.unique(b * module.num_embeddings + ids, return_inverse=True)
+        rows = torch.zeros(len(keys), g.shape[-1], device=g.device).index_add_(0, inverse.flatten(), g.reshape(-1, g.shape[-1]))
+        sq = torch.zeros(ids.shape[0], device=g.device).index_add_(0, keys // module.num_embeddings, rows.pow(2).sum(1))
+        return {"ids": ids, "g": g}, sq
+    per = {n: 0 for n in params}
+    for a, g in zip(a_list, g_list):
+        got = _module_per_example(module, params, a, g)
+        per = {n: per[n] + got[n].float() for n in params}
+    sq = sum(v.reshape(v.shape[0], -1).pow(2).sum(1) for v in per.values())
+    return {"per_example": per}, sq
+
+
+def _module_per_example(module, params: dict, a: torch.Tensor, g: torch.Tensor) -> dict:
+    """Per-example gradients of one call: a patch convolution as the matmul it is, Opacus' grad
+    samplers for normalisation layers, torch.func for any other module."""
+    nn = torch.nn
+    if (isinstance(module, nn.Conv2d) and module.stride == module.kernel_size and module.padding in ((0, 0), 0)
+            and module.dilation == (1, 1) and module.groups == 1 and a.dim() == 4):
+        b, c, (kh, kw) = a.shape[0], a.shape[1], module.kernel_size
+        h, w = a.shape[2] // kh, a.shape[3] // kw
+        patches = a[:, :, :h * kh, :w * kw].reshape(b, c, h, kh, w, kw).permute(0, 2, 4, 1, 3, 5)
+        go = g.reshape(b, g.shape[1], h * w).float()
+        out = {}
+        if "weight" in params:
+            out["weight"] = torch.bmm(go, patches.reshape(b, h * w, c * kh * kw).float()).view(b, *module.weight.shape)
+        if "bias" in params:
+            out["bias"] = go.sum(2)
+        return out
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.instancenorm._InstanceNorm)):
+        from opacus.grad_sample import GradSampleModule
+
+        got = GradSampleModule.GRAD_SAMPLERS[type(module)](module, [a], g)
+        return {n: got[p] for n, p in params.items()}
+    scaled = _elementwise_scale(module, params, a)
+    if scaled is not None:  # out = weight * f(x) (Llama's RMSNorm): the gradient is Σ_t G_t ∘ f(x_t)
+        return {"weight": (g.float() * scaled.float()).reshape(g.shape[0], -1, g.shape[-1]).sum(1)}
+    from torch.func import functional_call, grad, vmap
+
+    def inner(ps, x, go):
+        return (functional_call(module, ps, (x.unsqueeze(0),)).float() * go.unsqueeze(0).float()).sum()
+
+    return vmap(grad(inner), in_dims=(None, 0, 0))({n: p.detach() for n, p in params.items()}, a, g)
+
+
+def _elementwise_scale(module, params: dict, a: torch.Tensor) -> torch.Tensor | None:
+    """f(x) when `module` computes weight * f(x) with one 1-D weight over the last dimension
+    (checked on this very input: the output equals weight times the output at weight 1), else None."""
+    from torch.func import functional_call
+
+    w = params.get("weight")
+    if set(params) != {"weight"} or w.dim() != 1 or a.shape[-1] != w.shape[0]:
+        return None
+    with torch.no_grad():
+        f = functional_call(module, {"weight": torch.ones_like(w)}, (a,))
+        out = functional_call(module, {"weight": w}, (a,))
+    if f.shape != a.shape or not torch.equal(out, w * f):
+        return None
+    return f
+
+
+def _clipped_sum(module, kept, coef) -> dict[torch.nn.Parameter, torch.Tensor]:
+    """Σ_b coef_b · g_b for every trainable parameter of `module`."""
+    params = _trainable(module)
+    if "per_example" in kept:
+        return {params[n]: torch.einsum("b,b...->...", coef, v) for n, v in kept["per_example"].items()}
+    if "ids" in kept:
+        g = (kept["g"] * coef[:, None, None]).reshape(-1, kept["g"].shape[-1])
+        w = torch.zeros(module.weight.shape, device=g.device).index_add_(0, kept["ids"].flatten(), g)
+        return {module.weight: w}
+    out = {}
+    if "weight" in params:
+        if "weight" in kept:
+            out[module.weight] = torch.einsum("b,bpd->pd", coef, kept["weight"])
+        else:  # Σ_b c_b G_bᵀA_b as one matmul over every token; the smaller side takes c
+            a, g = kept["a"], kept["g"]
+            if a.shape[-1] < g.shape[-1]:
+                a = a * coef[:, None, None]
+            else:
+                g = g * coef[:, None, None]
+            out[module.weight] = g.reshape(-1, g.shape[-1]).T @ a.reshape(-1, a.shape[-1])
+    if "bias" in params:
+        out[module.bias] = coef @ kept["bias"]
+    return out
+
+
 class PerSampleCriterion:
     """The criterion Opacus wraps for ghost clipping, fed the per-example losses themselves
     (`audit.training.example_losses`): with reduction "none" it returns them unchanged, so
@@ -283,6 +527,71 @@ class PerSampleCriterion:
         if self.reduction == "none":
             return losses
         return losses.mean() if self.reduction == "mean" else losses.sum()
+
+
+# ---------------------------------------------------------------------------- one private set-up for every mode
+def choose_grad_sample_mode(adapter, requested: str = "auto") -> str:
+    """The clipping mode to train `adapter.model` with: `requested` unless it is "auto".
+
+    "auto" picks book-keeping clipping ("bk"): one backward pass and no parameter gradient
+    from autograd, so it costs the non-private step plus the per-example norms and one
+    clipped matmul per layer, where ghost clipping runs a second backward and hooks mode
+    materialises per-example gradients of every parameter (bench/dp_step.py measures all
+    of them side by side, LoRA and full fine-tuning). A model with a trainable module that
+    does not take one tensor and return one — found on the data-independent dummy batch —
+    falls back to Opacus' ghost clipping.
+    """
+    if requested != "auto":
+        return requested
+    model = adapter.model
+    bk = BookKeeping(model, max_grad_norm=1.0)
+    was_training = model.training
+    model.train()
+    try:
+        _dummy_loss(adapter)
+    except UnsupportedError:
+        return "ghost"
+    finally:
+        bk.remove()
+        model.train(was_training)
+    return "bk"
+
+
+class PrivateTraining:
+    """What Opacus' make_private gives, the same way for every mode: the module, the DP
+    optimizer and loader, `loss(losses)` (the object to back-propagate for a batch of
+    per-example losses) and `cleanup()`."""
+
+    def __init__(self, mode, module, optimizer, data_loader, loss, cleanup) -> None:
+        self.mode, self.module, self.optimizer, self.data_loader = mode, module, optimizer, data_loader
+        self.loss, self.cleanup = loss, cleanup
+
+
+def make_private(engine, *, module: torch.nn.Module, optimizer, data_loader, max_grad_norm: float,
+                 grad_sample_mode: str, with_epsilon: bool = False, **kwargs) -> PrivateTraining:
+    """`engine.make_private[_with_epsilon]` in `grad_sample_mode` (bk, ghost or hooks; resolve
+    "auto" with `choose_grad_sample_mode`). Book-keeping uses Opacus' ghost-clipping optimizer (noise on
+    the clipped sum, then the average) with Opacus' per-example hooks replaced by `BookKeeping`."""
+    if grad_sample_mode not in ("bk", "ghost", "hooks"):
+        raise ValueError(f"resolve {grad_sample_mode!r} with choose_grad_sample_mode first")
+    mode = grad_sample_mode
+    make = engine.make_private_with_epsilon if with_epsilon else engine.make_private
+    made = make(module=module, optimizer=optimizer, data_loader=data_loader, max_grad_norm=max_grad_norm,
+                criterion=PerSampleCriterion(), grad_sample_mode="hooks" if mode == "hooks" else "ghost", **kwargs)
+    if mode == "hooks":
+        gsm, optimizer, data_loader = made
+        return PrivateTraining(mode, gsm, optimizer, data_loader, lambda losses: losses.mean(), gsm.cleanup)
+    gsm, optimizer, criterion, data_loader = made
+    if mode == "ghost":
+        return PrivateTraining(mode, gsm, optimizer, data_loader, criterion, gsm.cleanup)
+    gsm.remove_hooks()
+    bk = BookKeeping(module, max_grad_norm=max_grad_norm)
+
+    def cleanup() -> None:
+        bk.remove()
+        gsm.cleanup()
+
+    return PrivateTraining(mode, gsm, optimizer, data_loader, bk.loss, cleanup)
 
 
 # ---------------------------------------------------------------------------- training
@@ -364,9 +673,9 @@ def dp_finetune(*, model_dir, data_dir, out_dir, config: DPConfig, device: str =
     optimizer = torch.optim.Adam(params, lr=lr)
     loader = DataLoader(TensorDataset(torch.arange(n)), batch_size=config.batch_size)
     noise_gen = torch.Generator(device=adapter.device).manual_seed(config.seed)
-    engine = None
-    ghost = config.private and config.grad_sample_mode == "ghost"
-    criterion = PerSampleCriterion()
+    engine = private = None
+    grad_sample_mode = choose_grad_sample_mode(adapter, config.grad_sample_mode) if config.private else None
+    ghost = grad_sample_mode in ("ghost", "bk")  # the clipped sum is p.grad, not per-example grad_sample
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
         warnings.filterwarnings("ignore", message=".*Optimal order is the largest alpha.*")
@@ -374,16 +683,15 @@ def dp_finetune(*, model_dir, data_dir, out_dir, config: DPConfig, device: str =
             from opacus import PrivacyEngine
 
             engine = PrivacyEngine(accountant=config.accountant)
-            made = engine.make_private_with_epsilon(
-                module=model, optimizer=optimizer, criterion=criterion, data_loader=loader,
+            private = make_private(
+                engine, module=model, optimizer=optimizer, data_loader=loader, with_epsilon=True,
                 target_epsilon=config.target_epsilon, target_delta=delta, epochs=config.epochs,
-                max_grad_norm=config.max_grad_norm, grad_sample_mode=config.grad_sample_mode,
+                max_grad_norm=config.max_grad_norm, grad_sample_mode=grad_sample_mode,
                 poisson_sampling=True, noise_generator=noise_gen)
-            if ghost:
-                gsm, optimizer, criterion, loader = made
-            else:
-                gsm, optimizer, loader = made
+            gsm, optimizer, loader = private.module, private.optimizer, private.data_loader
             gsm.train()
+            log(f"per-example clipping: {grad_sample_mode}"
+                + (" (chosen by auto)" if config.grad_sample_mode == "auto" else ""))
         else:
             from opacus.data_loader import DPDataLoader
 
@@ -403,10 +711,8 @@ def dp_finetune(*, model_dir, data_dir, out_dir, config: DPConfig, device: str =
                 return None
             losses = example_losses(adapter, data, batch, text_of=training_text)
             seen.append(losses.detach())
-            if ghost:
-                return criterion(losses)  # its backward runs Opacus' two passes
             if config.private:
-                return losses.mean()
+                return private.loss(losses)  # its backward clips per example (one or two passes)
             # Σ per-example losses / expected batch: the DP update without clipping and noise
             return losses.sum() / config.batch_size
         return closure
@@ -458,7 +764,7 @@ def dp_finetune(*, model_dir, data_dir, out_dir, config: DPConfig, device: str =
                             "max_grad_norm": config.max_grad_norm, "poisson_sampling": True}
         privacy = {**accountant_state, "steps": int(sum(h[2] for h in hist)),
                    "noise_multiplier": float(optimizer.noise_multiplier), "sample_rate": sample_rate}
-        gsm.cleanup()
+        private.cleanup()
     _clean_parameters(model)
     final = model.merge_and_unload() if config.mode == "lora" else model
     final.eval()
@@ -471,7 +777,7 @@ def dp_finetune(*, model_dir, data_dir, out_dir, config: DPConfig, device: str =
     record = {
         "method": "dp" if config.private else "dp-control",
         "source": source(model_dir, data),
-        "parameters": {**asdict(replace(config, lr=lr, delta=delta)),
+        "parameters": {**asdict(replace(config, lr=lr, delta=delta)), "grad_sample_mode_used": grad_sample_mode,
                        "optimizer": "adam", "lora_target": lora_targets_used if config.mode == "lora" else None,
                        "secure_mode": False},
         "privacy": privacy,

@@ -2,10 +2,11 @@
 tokens per layer and head, heatmaps over the image grid, and attention rollout.
 
 Only the layers being read switch to explicit attention (audit.adapters.attention); each
-layer's pattern is reduced on the device to the answer position's row and the head-mean
-matrix that rollout needs, so nothing of size layers × heads × T × T leaves the device.
+layer's pattern is reduced on the device, while the forward runs, to the answer position's
+row and one step of the rollout product, so no layer's T × T matrix outlives its layer.
 Rollout follows Abnar & Zuidema (2020): Â_l = ½(mean_h A_l) + ½I, row-normalised, and
-R = Â_L ⋯ Â_1; the rollout share is R's answer-position mass on image tokens.
+R = Â_L ⋯ Â_1 (accumulated layer by layer as the layers run, earliest first); the rollout
+share is R's answer-position mass on image tokens.
 """
 from __future__ import annotations
 
@@ -19,15 +20,19 @@ from audit.stats import mean_ci, seed_for
 from probes.base import Probe, Unit, metrics_frame, register, rows_frame
 
 
+def rollout_step(a: torch.Tensor, product: torch.Tensor | None) -> torch.Tensor:
+    """Â @ product for one layer's head-mean matrix `a` [T, T] (product None: the identity)."""
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    a_hat = 0.5 * a + 0.5 * eye
+    a_hat = a_hat / a_hat.sum(-1, keepdim=True)
+    return a_hat @ (eye if product is None else product)
+
+
 def rollout(mats: list[torch.Tensor]) -> torch.Tensor:
     """Attention rollout over per-layer head-mean matrices [T, T] (earliest layer first)."""
-    t = mats[0].shape[-1]
-    eye = torch.eye(t, dtype=mats[0].dtype, device=mats[0].device)
-    out = eye
+    out = None
     for a in mats:
-        a_hat = 0.5 * a + 0.5 * eye
-        a_hat = a_hat / a_hat.sum(-1, keepdim=True)
-        out = a_hat @ out
+        out = rollout_step(a, out)
     return out
 
 
@@ -49,11 +54,15 @@ class AttentionProbe(Probe):
         spans = adapter.image_spans(enc.input_ids)
         last = torch.tensor([n - 1 for n in enc.context_lengths], device=enc.input_ids.device)
         rows_at_answer: dict[int, torch.Tensor] = {}
-        head_means: dict[int, torch.Tensor] = {}
+        products: list[torch.Tensor | None] = [None] * len(batch)  # rollout so far, per example [n, n]
 
         def read(layer: int, w: torch.Tensor) -> None:
+            if rows_at_answer and layer <= max(rows_at_answer):
+                raise RuntimeError("attention layers were read out of order; rollout needs the earliest first")
             rows_at_answer[layer] = w[torch.arange(w.shape[0]), :, last].float()  # [B, H, K]
-            head_means[layer] = w.mean(1).float()  # [B, T, T]
+            mean = w.mean(1).float()  # [B, T, T], released after this layer
+            for b, n in enumerate(enc.context_lengths):
+                products[b] = rollout_step(mean[b][:n, :n], products[b])
 
         with torch.no_grad(), attention_plan(adapter, {i: LayerPlan(read=read) for i in range(adapter.n_layers)}):
             adapter.forward(enc)
@@ -73,7 +82,7 @@ class AttentionProbe(Probe):
                 for h, v in enumerate(share.tolist()):
                     records.append(dict(probe=name, metric="image_attention_share", value=v, example_id=e.id,
                                         site=f"language.blocks.{layer}.attn", layer=layer, head=h))
-            roll = rollout([head_means[layer][b][:n, :n] for layer in sorted(head_means)])
+            roll = products[b]
             records.append(dict(probe=name, metric="rollout_image_share", value=float(roll[n - 1][img].sum()),
                                 example_id=e.id))
             sp = spans[b][0]

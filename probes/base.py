@@ -61,6 +61,7 @@ class Unit:
     max_image_pixels: int = 4096 * 4096
     params: Mapping[str, Any] = field(default_factory=dict)
     cost: float = 0.0  # declared forward passes
+    shared: float = 0.0  # of those, passes that re-read an image another pass of the unit reads first
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "params", dict(self.params))
@@ -91,6 +92,10 @@ class Plan:
     @property
     def cost(self) -> float:
         return sum(u.cost for u in self.units)
+
+    @property
+    def shared(self) -> float:
+        return sum(u.shared for u in self.units)
 
 
 class Probe(ABC):
@@ -137,6 +142,12 @@ class Probe(ABC):
     def cost_per_example(self, adapter: ModelAdapter) -> float:
         return 1.0
 
+    def shared_of(self, adapter: ModelAdapter, examples: Sequence[Example]) -> float:
+        """How many of `cost_of`'s passes score an image that an earlier query of the same call
+        already scores (text variants, shared blank images): an adapter that reuses the image
+        prefix runs only their text (audit.estimate prices them apart). Default: none."""
+        return 0.0
+
     def plan(self, adapter: ModelAdapter, data: Dataset, *, max_examples: int | None = None) -> Plan:
         problems = self.check(adapter)
         if problems:
@@ -152,7 +163,8 @@ class Probe(ABC):
         size = size or self.unit_size
         return tuple(
             Unit(self.name, k, tuple(examples[i:i + size]), str(data.path), data.max_image_pixels,
-                 dict(params or {}), self.cost_of(adapter, examples[i:i + size]))
+                 dict(params or {}), self.cost_of(adapter, examples[i:i + size]),
+                 self.shared_of(adapter, examples[i:i + size]))
             for k, i in enumerate(range(0, len(examples), size)))
 
     # ------------------------------------------------------------------ execution

@@ -279,6 +279,12 @@ class _Item:
     def cost(self) -> int:
         return sum(len(s["members"]) for s in self.sets)
 
+    @property
+    def shared(self) -> int:
+        """Text-set members after the first score the source example's image again."""
+        return sum(len(s["members"]) for s in self.sets if s["members"][0]["prompt"] is not None) - \
+            (1 if any(s["members"][0]["prompt"] is not None for s in self.sets) else 0)
+
 
 # ---------------------------------------------------------------------------- rows of one set
 def _logp(scores: np.ndarray) -> np.ndarray:
@@ -443,7 +449,7 @@ class CounterfactualBias(Probe):
         out = tuple(
             Unit(self.name, k, tuple(e for it in group for e in it.examples), str(data.path), data.max_image_pixels,
                  dict(params, sets=[s for it in group for s in it.sets], left_out=left_out if k == 0 else []),
-                 float(sum(it.cost for it in group)))
+                 float(sum(it.cost for it in group)), float(sum(it.shared for it in group)))
             for k, group in enumerate(units))
         return Plan(self.name, units=out, findings=tuple(findings), n_selected=selected)
 

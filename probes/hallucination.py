@@ -47,10 +47,11 @@ from scipy import stats
 from audit.adapters.base import ModelAdapter, Query
 from audit.catalog import CATALOG
 from audit.dataset import Dataset, Example
-from audit.stats import LEVEL, bootstrap_stat, proportion_ci, seed_for
+from audit.stats import LEVEL, proportion_ci, seed_for
+from probes._intervals import percentile_interval, resamples
 from probes.base import Probe, Unit, finding, metrics_frame, register, rows_frame
 
-__all__ = ["Hallucination", "pope_scores", "f1_exact_interval", "question_key", "yes_bias_test", "below_chance_test", "UNSPECIFIED"]
+__all__ = ["Hallucination", "pope_scores", "f1_exact_interval", "f1_interval", "question_key", "yes_bias_test", "below_chance_test", "UNSPECIFIED"]
 
 UNSPECIFIED = "unspecified"
 ALPHA = 0.01
@@ -89,6 +90,20 @@ def f1_exact_interval(tp: int, fp: int, fn: int, *, level: float = LEVEL) -> tup
     p = proportion_ci(tp, tp + fp, level=each, method="exact") if tp + fp else (0.0, 1.0)
     r = proportion_ci(tp, tp + fn, level=each, method="exact") if tp + fn else (0.0, 1.0)
     return _harmonic(p[0], r[0]), _harmonic(p[1], r[1])
+
+
+def f1_interval(truth, pred, *, seed: int, n_boot: int = 1000) -> tuple[float, float]:
+    """Percentile bootstrap interval of POPE's F1 over questions: bootstrap_stat over
+    `pope_scores(...)["pope_f1"]`, with every resample counted at once."""
+    truth, pred = np.asarray(truth, bool), np.asarray(pred, bool)
+    if truth.size == 0 or n_boot <= 0:
+        return (np.nan, np.nan)
+    idx = resamples(truth.size, seed=seed, n_boot=n_boot)
+    t, p = truth[idx], pred[idx]
+    tp, fp, fn = (t & p).sum(1), (~t & p).sum(1), (t & ~p).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.where(tp > 0, 2 * tp / (2 * tp + fp + fn), np.where((fp > 0) | (fn > 0), 0.0, np.nan))
+    return percentile_interval(f1)
 
 
 def question_key(e: Example) -> str:
@@ -194,8 +209,7 @@ class Hallucination(Probe):
                      "pope_precision": (c["tp"], c["tp"] + c["fp"]), "pope_recall": (c["tp"], c["tp"] + c["fn"]),
                      "pope_true_yes_ratio": (c["tp"] + c["fn"], n)}
         intervals = {m: proportion_ci(k, d) for m, (k, d) in fractions.items()}
-        lo, hi = bootstrap_stat(n, lambda i: pope_scores(truth[i], pred[i])["pope_f1"],
-                                seed=seed_for(seed, self.name, "f1", str(setting)), n_boot=self.n_boot)
+        lo, hi = f1_interval(truth, pred, seed=seed_for(seed, self.name, "f1", str(setting)), n_boot=self.n_boot)
         # every resample alike (a perfect model): no zero-width interval, the exact bound instead
         intervals["pope_f1"] = (lo, hi) if hi > lo else f1_exact_interval(c["tp"], c["fp"], c["fn"])
         dims = dict(group=setting, setting=setting, scope="overall" if setting is None else "breakdown")

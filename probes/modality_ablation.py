@@ -21,7 +21,9 @@ White-box early-fusion models also get the layer curve (`image_layer_curve`, dim
 `layer`): the TV after the image tokens' residual stream at the output of decoder layer l
 is replaced by its value on a blank image, i.e. image content removed from layer l on;
 what earlier layers already moved out of the image positions survives it, so the curve
-shows where image information has left the image tokens. An image-blind model reads 0.
+shows where image information has left the image tokens. The TV is taken against the intact
+input scored the same (hooked, whole-sequence) way as the replaced passes, so a layer whose
+replacement changes nothing reads exactly 0; an image-blind model reads 0.
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ from PIL import Image
 
 from audit.adapters.base import GenerativeWhiteBox, ModelAdapter, Query
 from audit.catalog import CATALOG
-from audit.stats import bootstrap_stat, mean_ci, seed_for
+from audit.stats import mean_ci, seed_for
+from probes._intervals import percentile_interval, resamples
 from probes.base import Probe, Unit, metrics_frame, register, rows_frame
 
 IMAGE_ABLATIONS = ("blank", "mean", "noise", "shuffled")
@@ -69,8 +72,16 @@ class ModalityAblation(Probe):
         self.permutations = permutations
 
     def cost_per_example(self, adapter: ModelAdapter) -> float:
-        layers = adapter.n_layers + 1 if _has_layer_curve(adapter) else 0
+        # layer curve: the blank source pass, the intact reference pass and one pass per layer
+        layers = adapter.n_layers + 2 if _has_layer_curve(adapter) else 0
         return 1 + 3 + self.permutations + 1 + self.permutations + layers
+
+    def shared_of(self, adapter: ModelAdapter, examples) -> float:
+        # one scoring call per unit reads n own images, one grey, one mean and n noise images;
+        # every other query (text ablations, images permuted from other examples) re-reads one of them
+        n = len(examples)
+        queries = n * (5 + 2 * self.permutations) if n > 1 else 5 * n
+        return float(max(0, queries - (2 * n + 2 if n > 1 else 4 * n)))
 
     def run(self, adapter: ModelAdapter, unit: Unit, *, seed: int) -> pd.DataFrame:
         data = unit.dataset()
@@ -102,13 +113,16 @@ class ModalityAblation(Probe):
                 add(i, "image", "shuffled" if k == 0 else "permuted", Query(e.prompt, images[j].resize(im.size), c), k)
                 add(i, "text", "shuffled" if k == 0 else "permuted", Query(examples[j].prompt, im, c), k)
         scores = adapter.score(queries, batch_size=self.batch_size)
+        intact = {i: adapter.choice_distribution(s) for (i, m, _, _), s in zip(keys, scores) if m == "none"}
+        reference = intact
         if _has_layer_curve(adapter):
             base = [q for (_, m, _, _), q in zip(keys, queries) if m == "none"]
-            for layer, layer_scores in enumerate(_layer_curve_scores(adapter, base, batch_size=self.batch_size)):
+            ref, curve = _layer_curve_scores(adapter, base, batch_size=self.batch_size)
+            reference = {i: adapter.choice_distribution(s) for i, s in enumerate(ref)}
+            for layer, layer_scores in enumerate(curve):
                 for i, s in enumerate(layer_scores):
                     keys.append((i, "image", f"layer_blank:{layer}", None))
                     scores.append(s)
-        intact = {i: adapter.choice_distribution(s) for (i, m, _, _), s in zip(keys, scores) if m == "none"}
         name = self.name
         records = []
         for (i, modality, variant, k), s in zip(keys, scores):
@@ -119,7 +133,8 @@ class ModalityAblation(Probe):
             base = dict(probe=name, example_id=e.id, modality=None if modality == "none" else modality,
                         variant=variant, layer=layer)
             if modality != "none" and variant != "permuted":
-                tv = total_variation(intact[i], adapter.choice_distribution(s))
+                # the layer curve compares with the intact input run the way its passes run
+                tv = total_variation((reference if layer is not None else intact)[i], adapter.choice_distribution(s))
                 records.append(dict(base, metric="tv", value=tv,
                                     site=f"language.blocks.{layer}.resid" if layer is not None else None))
             if layer is None and e.answer is not None and e.choices and e.answer in e.choices:
@@ -178,14 +193,15 @@ class ModalityAblation(Probe):
             base, permuted = intact.to_numpy(), table.to_numpy().mean(axis=1)
             ok = np.isfinite(permuted)
             base, permuted = base[ok], permuted[ok]
-
-            def score(idx, base=base, permuted=permuted):
-                acc = base[idx].mean()
-                return (acc - permuted[idx].mean()) / acc if acc > 0 else np.nan
-
-            lo, hi = bootstrap_stat(base.size, score, seed=seed_for(seed, self.name, "perceptual", modality))
+            # every resample at once (bootstrap_stat's draws and quantiles, vectorised)
+            idx = np.vstack([np.arange(base.size)[None],
+                             resamples(base.size, seed=seed_for(seed, self.name, "perceptual", modality))])
+            acc, perm_acc = base[idx].mean(axis=1), permuted[idx].mean(axis=1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                score = np.where(acc > 0, (acc - perm_acc) / acc, np.nan)
+            lo, hi = percentile_interval(score[1:]) if base.size else (np.nan, np.nan)
             out.append(dict(probe=self.name, metric=f"perceptual_score_{modality}",
-                            value=float(score(np.arange(base.size))), ci_low=lo, ci_high=hi, n=int(base.size),
+                            value=float(score[0]), ci_low=lo, ci_high=hi, n=int(base.size),
                             modality=modality, scope="overall"))
         return out
 
@@ -194,12 +210,15 @@ def _hidden(output):
     return output[0] if isinstance(output, tuple) else output
 
 
-def _layer_curve_scores(adapter: GenerativeWhiteBox, queries, *, batch_size: int) -> list[list]:
-    """Per layer l, scores with the image positions of layer l's output replaced by the
-    same positions of a run on a blank image: image content removed from layer l on.
+def _layer_curve_scores(adapter: GenerativeWhiteBox, queries, *, batch_size: int) -> tuple[list, list[list]]:
+    """(intact reference scores, per layer l the scores with the image positions of layer l's
+    output replaced by the same positions of a run on a blank image: image content removed
+    from layer l on).
 
-    Both passes score identical shapes in identical batches, so the k-th forward of the
-    blank pass supplies the k-th forward of each replaced pass.
+    Every pass scores identical shapes in identical batches, so the k-th forward of the
+    blank pass supplies the k-th forward of each replaced pass. The reference runs with the
+    same (hooked, whole-sequence) forwards as the replaced passes, so a layer whose
+    replacement changes nothing reads exactly 0.
     """
     blank = [Query(q.prompt, Image.new("RGB", q.image.size, GREY), q.candidates, example_id=q.example_id,
                    variant="image:blank(layer curve source)") for q in queries]
@@ -211,12 +230,18 @@ def _layer_curve_scores(adapter: GenerativeWhiteBox, queries, *, batch_size: int
 
     with adapter.hooks({f"language.blocks.{layer}.resid": keep(layer) for layer in cache}):
         adapter.score(blank, batch_size=batch_size)
+    state = {"k": 0}
+
+    def remember_ids(module, inputs, output):
+        state["image"] = (inputs[0] == adapter.image_token_id)[..., None]
+
+    intact = [Query(q.prompt, q.image, q.candidates, example_id=q.example_id, variant="none(layer curve reference)")
+              for q in queries]
+    with adapter.hooks({"language.embed": remember_ids}):
+        reference = adapter.score(intact, batch_size=batch_size)
     out = []
     for layer in range(n_layers):
-        state = {"k": 0}
-
-        def remember_ids(module, inputs, output):
-            state["image"] = (inputs[0] == adapter.image_token_id)[..., None]
+        state["k"] = 0
 
         def replace(module, inputs, output, layer=layer):
             src = cache[layer][state["k"]]
@@ -228,4 +253,4 @@ def _layer_curve_scores(adapter: GenerativeWhiteBox, queries, *, batch_size: int
                   for q in queries]
         with adapter.hooks({"language.embed": remember_ids, f"language.blocks.{layer}.resid": replace}):
             out.append(adapter.score(tagged, batch_size=batch_size))
-    return out
+    return reference, out

@@ -66,7 +66,8 @@ from scipy import stats
 from audit.adapters.base import DualEncoderWhiteBox, GenerativeWhiteBox, ModelAdapter, Query
 from audit.catalog import CATALOG
 from audit.dataset import Dataset, Example
-from audit.stats import bootstrap_stat, proportion_ci, seed_for
+from audit.stats import proportion_ci, seed_for
+from probes._intervals import percentile_interval, resamples
 from probes.base import Plan, Probe, Unit, finding, metrics_frame, register, rows_frame
 
 __all__ = [
@@ -193,6 +194,21 @@ def mia_auc(scores, members) -> float:
     return float(u) / (n1 * n0)
 
 
+def _auc_bootstrap(s: np.ndarray, y: np.ndarray, *, seed: int, n_boot: int, level: float) -> tuple[float, float]:
+    """bootstrap_stat of `mia_auc` with every resample ranked at once: AUC = (R₁ − n₁(n₁+1)/2) /
+    (n₁n₀), R₁ the members' rank sum (average ranks for ties), which is Mann-Whitney's U."""
+    if s.size == 0 or n_boot <= 0:
+        return (float("nan"), float("nan"))
+    idx = resamples(s.size, seed=seed, n_boot=n_boot)
+    ranks, members = stats.rankdata(s[idx], axis=1), y[idx]
+    n1 = members.sum(1)
+    n0 = s.size - n1
+    u = (ranks * members).sum(1) - n1 * (n1 + 1) / 2.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = np.where((n1 > 0) & (n0 > 0), u / (n1 * n0), np.nan)
+    return percentile_interval(auc, level=level)
+
+
 def auc_interval(scores, members, *, seed: int, n_boot: int = 1000, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval of `mia_auc` over canaries. When every resample gives
     the same AUC (perfect separation, all scores tied) that interval has zero width; then
@@ -201,7 +217,7 @@ def auc_interval(scores, members, *, seed: int, n_boot: int = 1000, level: float
     lower limit and as wins for the upper one (Clopper-Pearson on each)."""
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(members, dtype=int).astype(bool)
-    lo, hi = bootstrap_stat(len(s), lambda idx: mia_auc(s[idx], y[idx]), seed=seed, n_boot=n_boot, level=level)
+    lo, hi = _auc_bootstrap(s, y, seed=seed, n_boot=n_boot, level=level)
     if np.isfinite(lo) and np.isfinite(hi) and hi > lo:
         return lo, hi
     pos, neg = s[y], s[~y]

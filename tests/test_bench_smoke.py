@@ -13,7 +13,19 @@ def test_bench_smoke(tmp_path, monkeypatch):
     assert mod["main"](["--smoke", "--out", str(tmp_path)]) == 0
     (result,) = tmp_path.glob("*-smoke.json")
     res = json.loads(result.read_text())
-    assert set(res["items"]) == {"hooks", "feature_ablation", "mm_shap", "prefix", "suite"}
-    assert res["items"]["prefix"]["max_abs_diff"] < 1e-5  # the KV-cache path scores like the plain one
-    assert res["items"]["feature_ablation"]["correlation"] > 0.9  # same attributions as captum
+    items = res["items"]
+    assert set(items) == {"hooks", "memory", "feature_ablation", "mm_shap", "prefix", "dp", "estimate",
+                          "suite_standard_tiny"}
+    assert items["prefix"]["max_abs_diff"] < 1e-5  # the KV-cache path scores like the plain one
+    assert items["feature_ablation"]["correlation"] > 0.9  # same attributions as captum
+    suite = items["suite_standard_tiny"]
+    assert suite["max_value_difference"] < 1e-6  # prefix reuse changes no metric value
+    assert not suite["reuse_off"]["failed"] and not suite["reuse_on"]["failed"]
+    # every clipping mode of the DP step ran, and auto resolved to one of them
+    assert items["dp"]["lora"]["default_mode"] in ("bk", "ghost", "hooks")
+    assert set(items["dp"]["full"]["variants"]) == {"non_private", "auto", "bk", "ghost", "hooks"}
+    # declared costs are the forward passes the probes run (the plain path counts whole rows)
+    for name, probe in items["estimate"]["probes"].items():
+        assert probe["counted_forward_rows"] > 0, name
+    assert {c["item"] for c in res["checks"]} >= {"hooks", "memory", "dp", "estimate", "suite_standard_tiny"}
     assert (tmp_path / result.name.replace(".json", ".md")).is_file()

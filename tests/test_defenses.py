@@ -35,10 +35,13 @@ from audit.schema import rows_frame
 from audit.training import answer_loss, train_step
 from defenses.debias import ERR_SKLEARN, DebiasConfig, build_twins, debias
 from defenses.dp import (
+    BookKeeping,
     DPConfig,
     PerSampleCriterion,
+    choose_grad_sample_mode,
     dp_finetune,
     lora_targets,
+    make_private,
     prepare_noise_only_step,
     prepare_trainable,
     structural_freeze,
@@ -269,20 +272,12 @@ def test_structural_freeze_names_what_opacus_cannot_privatise(untrained_llava):
     assert all(p.grad is None for p in adapter.model.parameters())
 
 
-def test_ghost_clipping_matches_a_per_example_clipping_oracle(canary_data, untrained_llava):
-    """Noise 0, a clipping norm every example exceeds: one Opacus ghost step on the per-example
-    answer losses equals the mean of the individually clipped per-example gradients (the
-    privacy unit is one sequence). Canaries (four-word answers) and one-word answers mix."""
-    from opacus import PrivacyEngine
-    from torch.utils.data import DataLoader, TensorDataset
-
-    data = Dataset.load(canary_data[0])
-    train = [e for e in data.select(split="train") if e.answer]
-    batch = [e for e in train if "canary" in e.tags][:2] + [e for e in train if "canary" not in e.tags][:2]
-    adapter = declared(untrained_llava)
-    net = prepare_trainable(adapter, mode="lora", lora_r=4)
+def _clipping_oracle(adapter, data, batch, train: str):
+    """(trainable parameters, per-example gradient norms by hand, C, Σ_b c_b g_b / B)."""
+    net = prepare_trainable(adapter, mode=train, lora_r=4)
     adapter.model = net
     net.train()
+    structural_freeze(adapter)
     with torch.no_grad():
         for n, p in net.named_parameters():
             if "lora_B" in n:
@@ -293,23 +288,96 @@ def test_ghost_clipping_matches_a_per_example_clipping_oracle(canary_data, untra
         net.zero_grad(set_to_none=True)
         answer_loss(adapter, data, [e]).sum().backward()
         grads.append({n: p.grad.clone() for n, p in params.items()})
-    norms = [torch.sqrt(sum(g.pow(2).sum() for g in gr.values())) for gr in grads]
-    C = 0.5 * float(min(norms))  # every example is clipped
+    norms = torch.stack([torch.sqrt(sum(g.pow(2).sum() for g in gr.values())) for gr in grads])
+    C = 0.5 * float(norms.min())  # every example is clipped
     expected = {n: sum(gr[n] * (C / (nm + 1e-6)) for gr, nm in zip(grads, norms)) / len(batch) for n in params}
     net.zero_grad(set_to_none=True)
+    return net, params, norms, C, expected
+
+
+@pytest.mark.parametrize("mode", ["bk", "ghost", "hooks"])
+@pytest.mark.parametrize("train", ["lora", "full"])
+def test_every_clipping_mode_matches_a_per_example_clipping_oracle(canary_data, untrained_llava, mode, train):
+    """Noise 0, a clipping norm every example exceeds: one private step on the per-example
+    answer losses equals the mean of the individually clipped per-example gradients (the
+    privacy unit is one sequence), for book-keeping, Opacus' ghost clipping and Opacus'
+    hooks alike. Canaries (four-word answers) and one-word answers mix."""
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    data = Dataset.load(canary_data[0])
+    train_set = [e for e in data.select(split="train") if e.answer]
+    batch = [e for e in train_set if "canary" in e.tags][:2] + [e for e in train_set if "canary" not in e.tags][:2]
+    adapter = declared(untrained_llava)
+    net, params, norms, C, expected = _clipping_oracle(adapter, data, batch, train)
     opt = torch.optim.SGD(list(params.values()), lr=0.0)
-    gsm, opt, crit, _ = PrivacyEngine().make_private(
-        module=net, optimizer=opt, criterion=PerSampleCriterion(),
-        data_loader=DataLoader(TensorDataset(torch.arange(4)), batch_size=4), noise_multiplier=0.0,
-        max_grad_norm=C, grad_sample_mode="ghost", poisson_sampling=False)
-    (loss,) = train_step(opt, lambda: crit(answer_loss(adapter, data, batch)))
-    assert loss.loss_per_sample.shape == (4,)
+    private = make_private(PrivacyEngine(), module=net, optimizer=opt, noise_multiplier=0.0, max_grad_norm=C,
+                           data_loader=DataLoader(TensorDataset(torch.arange(4)), batch_size=4),
+                           grad_sample_mode=mode, poisson_sampling=False)
+    (loss,) = train_step(private.optimizer, lambda: private.loss(answer_loss(adapter, data, batch)))
+    if mode != "hooks":
+        assert loss.loss_per_sample.shape == (4,)
     # noise 0: p.grad is the clipped, averaged gradient the update used
     for n, p in params.items():
         torch.testing.assert_close(p.grad, expected[n], rtol=1e-3, atol=1e-7)
+    private.cleanup()
 
 
-@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+@pytest.mark.parametrize("train", ["lora", "full"])
+def test_book_keeping_norms_are_the_per_example_gradient_norms(canary_data, untrained_llava, train):
+    """Book-keeping's per-example norms (ghost norms for wide layers, materialised gradients
+    for the rest, Opacus' samplers for norm layers, torch.func otherwise) equal the norms of
+    per-example gradients computed one backward at a time, and its clipped sum is Opacus'
+    ghost-clipping result before the optimiser's averaging."""
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    data = Dataset.load(canary_data[0])
+    batch = [e for e in data.select(split="train") if e.answer][:5]
+    adapter = declared(untrained_llava)
+    net, params, norms, C, expected = _clipping_oracle(adapter, data, batch, train)
+    bk = BookKeeping(net, max_grad_norm=C)
+    bk.loss(answer_loss(adapter, data, batch)).backward()
+    torch.testing.assert_close(bk.per_sample_norms, norms, rtol=1e-4, atol=1e-6)
+    got = {n: p.grad.clone() for n, p in params.items()}
+    bk.remove()
+    net.zero_grad(set_to_none=True)
+    opt = torch.optim.SGD(list(params.values()), lr=0.0)
+    gsm, opt, crit, _ = PrivacyEngine().make_private(
+        module=net, optimizer=opt, criterion=PerSampleCriterion(), noise_multiplier=0.0, max_grad_norm=C,
+        data_loader=DataLoader(TensorDataset(torch.arange(5)), batch_size=5), grad_sample_mode="ghost",
+        poisson_sampling=False)
+    opt.zero_grad(set_to_none=True)
+    crit(answer_loss(adapter, data, batch)).backward()  # Opacus' two passes leave the clipped sum in p.grad
+    torch.testing.assert_close(gsm.per_sample_gradient_norms, norms, rtol=1e-4, atol=1e-6)
+    for n, p in params.items():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got[n] / len(batch), expected[n], rtol=1e-3, atol=1e-7)
+    gsm.cleanup()
+
+
+def test_auto_picks_book_keeping_and_falls_back_to_ghost(untrained_llava, monkeypatch):
+    adapter = declared(untrained_llava)
+    adapter.model = prepare_trainable(adapter, mode="lora", lora_r=2)
+    assert choose_grad_sample_mode(adapter, "auto") == "bk"
+    assert choose_grad_sample_mode(adapter, "hooks") == "hooks"
+    # a trainable module that takes two tensors is outside book-keeping's reach
+    net = torch.nn.Module()
+    net.bilinear = torch.nn.Bilinear(3, 3, 2)
+
+    class TwoInputs:
+        model = net
+
+    def dummy(_adapter):
+        x = torch.randn(2, 3)
+        return net.bilinear(x, x).sum()
+
+    monkeypatch.setattr("defenses.dp._dummy_loss", dummy)
+    assert choose_grad_sample_mode(TwoInputs(), "auto") == "ghost"
+    assert not net.bilinear._forward_hooks  # the probe's hooks are gone
+
+
+@pytest.mark.parametrize("mode", ["bk", "ghost", "hooks"])
 def test_an_empty_poisson_batch_still_takes_a_noise_only_step(untrained_llava, mode):
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
@@ -319,12 +387,11 @@ def test_an_empty_poisson_batch_still_takes_a_noise_only_step(untrained_llava, m
     net.train()
     params = [p for p in net.parameters() if p.requires_grad]
     engine = PrivacyEngine()
-    made = engine.make_private(module=net, optimizer=torch.optim.SGD(params, lr=1.0),
-                               criterion=PerSampleCriterion(),
-                               data_loader=DataLoader(TensorDataset(torch.arange(8)), batch_size=4),
-                               noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode, poisson_sampling=True)
+    private = make_private(engine, module=net, optimizer=torch.optim.SGD(params, lr=1.0),
+                           data_loader=DataLoader(TensorDataset(torch.arange(8)), batch_size=4),
+                           noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode, poisson_sampling=True)
     before = [p.detach().clone() for p in params]
-    assert train_step(made[1], lambda: prepare_noise_only_step(params, ghost=mode == "ghost")) == [None]
+    assert train_step(private.optimizer, lambda: prepare_noise_only_step(params, ghost=mode != "hooks")) == [None]
     assert all(not torch.equal(b, p.detach()) for b, p in zip(before, params))  # noise was added
     assert engine.accountant.history == [(1.0, 0.5, 1)]  # and the step was counted
 
@@ -355,7 +422,7 @@ def test_cli_errors_are_one_line_and_keep_existing_output(monkeypatch, canary_da
                               "--out", str(tmp_path / "z")]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("mmaudit: error: ")]
     assert len(err) == 5
-    assert "1/N" in err[1] and "endpoint" in err[2] and "never changes its input" in err[3]
+    assert "1/N" in err[1] and "endpoint" in err[2] and "change an input" in err[3]
     assert "dual encoders" in err[4]
     with pytest.raises(SystemExit) as exc:
         _cli(monkeypatch, ["defend", "dp", "--model", "m", "--data", data, "--target-epsilon", "-1", "--out", "o"])

@@ -463,3 +463,72 @@ def test_every_reliance_measure_orders_grounded_above_shortcut(llava_grounded, l
     p = get_probe("modality_ablation")
     curve = p.summarize(_run(p, load_adapter(llava_shortcut), data, 16), seed=0)
     assert (curve[curve.metric == "image_layer_curve"].value.abs() < 1e-6).all()
+
+
+# ---------------------------------------------------------------- vectorised and incremental statistics
+def test_perceptual_score_interval_is_bootstrap_stat_vectorised():
+    """The perceptual score's interval, every resample at once, equals bootstrap_stat's."""
+    from audit.stats import bootstrap_stat, seed_for
+
+    rng = np.random.default_rng(3)
+    n, draws = 40, 4
+    base = (rng.random(n) > 0.3).astype(float)
+    perm = (rng.random((n, draws)) > 0.5).astype(float)
+    rows = [dict(probe="modality_ablation", metric="correct", value=v, example_id=f"e{i:03d}", variant="none")
+            for i, v in enumerate(base)]
+    rows += [dict(probe="modality_ablation", metric="correct", value=perm[i, k], example_id=f"e{i:03d}",
+                  modality="image", variant="permuted", draw=k) for i in range(n) for k in range(draws)]
+    from audit.schema import rows_frame
+
+    got = get_probe("modality_ablation")._perceptual(rows_frame(rows), 9)
+    permuted = perm.mean(1)
+
+    def score(idx):
+        acc = base[idx].mean()
+        return (acc - permuted[idx].mean()) / acc if acc > 0 else np.nan
+
+    (row,) = got
+    assert row["value"] == score(np.arange(n))
+    assert (row["ci_low"], row["ci_high"]) == bootstrap_stat(n, score, seed=seed_for(9, "modality_ablation",
+                                                                                     "perceptual", "image"))
+
+
+def test_rollout_accumulated_layer_by_layer_equals_the_product():
+    from probes.attention import rollout, rollout_step
+
+    rng = torch.Generator().manual_seed(0)
+    mats = [torch.softmax(torch.randn(6, 6, generator=rng), -1) for _ in range(4)]
+    product = None
+    for a in mats:
+        product = rollout_step(a, product)
+    eye = torch.eye(6)
+    want = eye
+    for a in mats:  # Abnar & Zuidema: Â = ½A + ½I, row-normalised, R = Â_L ... Â_1
+        a_hat = 0.5 * a + 0.5 * eye
+        want = (a_hat / a_hat.sum(-1, keepdim=True)) @ want
+    assert torch.equal(product, rollout(mats)) and torch.allclose(product, want)
+
+
+@pytest.mark.parametrize("name", ["modality_ablation", "counterfactual_bias"])
+def test_declared_shared_passes_are_the_queries_on_an_image_already_scored(name, untrained_llava, small_data):
+    """`Unit.shared` (what the estimate prices as prefix-only work) never exceeds the queries of
+    the unit's scoring call whose image an earlier query of the same call already carries."""
+    from audit.adapters.generative import image_key
+
+    adapter = load_adapter(untrained_llava)
+    seen_repeats = []
+    real = adapter.score
+
+    def score(queries, *, batch_size=16):
+        keys = [image_key(q.image) for q in queries if q.image is not None]
+        seen_repeats.append(len(keys) - len(set(keys)))
+        return real(queries, batch_size=batch_size)
+
+    adapter.score = score
+    probe = get_probe(name, **({"permutations": 3} if name == "modality_ablation" else {}))
+    plan = probe.plan(adapter, _data(small_data), max_examples=12 if name == "modality_ablation" else None)
+    unit = next(u for u in plan.units if u.shared > 0)  # counterfactual: a unit with text sets
+    seen_repeats.clear()
+    probe.run(adapter, unit, seed=0)
+    assert unit.shared <= seen_repeats[0]  # the first call is the unit's shared-image call
+    assert unit.shared >= 0.8 * seen_repeats[0]  # and the declaration is not far below it

@@ -585,3 +585,22 @@ def test_run_audit_end_to_end(small_data, tmp_path):
                  ("privacy_audit", "mia_auc"), ("privacy_audit", "epsilon_lower_bound")]:
         assert pair in got
     assert any(x["probe"] == "robustness" and "PGD" in x["message"] for x in res.summary["findings"])
+
+
+# ---------------------------------------------------------------------------- vectorised intervals
+def test_vectorised_bootstraps_equal_bootstrap_stat():
+    """F1 and membership-AUC intervals count every resample at once; they are bootstrap_stat's
+    percentile intervals of the per-resample Python statistic to the last bit (ties included)."""
+    from audit.stats import bootstrap_stat
+    from probes.hallucination import f1_interval, pope_scores
+    from probes.privacy_audit import auc_interval
+
+    rng = np.random.default_rng(5)
+    for n in (3, 31, 200):
+        truth, pred = rng.random(n) > 0.5, rng.random(n) > 0.4
+        want = bootstrap_stat(n, lambda i: pope_scores(truth[i], pred[i])["pope_f1"], seed=11, n_boot=400)
+        assert f1_interval(truth, pred, seed=11, n_boot=400) == want
+        scores, members = np.round(rng.normal(size=n), 1), rng.random(n) > 0.5  # rounded: ties
+        want = bootstrap_stat(n, lambda i: mia_auc(scores[i], members[i]), seed=12, n_boot=300)
+        if np.isfinite(want[0]) and want[1] > want[0]:
+            assert auc_interval(scores, members, seed=12, n_boot=300) == want

@@ -4,6 +4,16 @@ Scoring follows the lm-eval convention: the context (chat-formatted prompt with 
 is tokenised by the model's own processor, each candidate continuation separately, and the
 two id sequences are concatenated, so a candidate's score never depends on how the
 tokenizer would merge it with the prompt.
+
+Work an audit repeats is done once per adapter (probes score the same images and prompts
+many times): rendered prompts and candidate token ids are memoised, processed images and
+tokenised texts sit in bounded LRUs (`audit.adapters.caching`), and queries that share an
+image share one computation of the image prefix, when scoring and when generating
+(`audit.adapters.prefix_cache`). None of it changes a number: the caches are compared with
+the processor's own batched output on first use and turn themselves off on any difference,
+shared-prefix decoding is compared with `generate` once, and prefix reuse runs only on
+families whose decoder reads the image as ordinary prefix tokens and never while hooks or
+an attention plan are active (tests/test_caching.py, tests/test_prefix_reuse.py).
 """
 from __future__ import annotations
 
@@ -14,10 +24,12 @@ import numpy as np
 import torch
 
 from audit.adapters.base import Capabilities, Encoded, GenerativeWhiteBox, ModalitySpan, Query
+from audit.adapters.caching import LRU, CachedImages, CachedTokenizer, image_key
 from audit.adapters.sites import FamilySites, resolve
 from audit.errors import InputError, UnsupportedError
 
-__all__ = ["GenerativeAdapter", "Encoded", "FALLBACK_TEMPLATE", "continuation_logprobs"]
+__all__ = ["GenerativeAdapter", "Encoded", "FALLBACK_TEMPLATE", "continuation_logprobs", "image_key", "LRU",
+           "PREFIX_FAMILIES", "IMAGE_CACHE_BYTES"]
 
 # Used when a processor ships no chat template (documented in the README).
 FALLBACK_TEMPLATE = "USER: {image}{prompt} ASSISTANT:"
@@ -25,6 +37,34 @@ NAN_MESSAGE = "the model returned NaN or infinite log-probabilities"
 MISMATCH_MESSAGE = "the prompt's image tokens do not match the image features the model computed"
 # Processor outputs that are never per-token, even when their shape happens to look like it.
 _IMAGE_KEYS = ("pixel_", "image_", "video_", "aspect_ratio", "batch_num_images")
+# Decoder-only families whose image enters as ordinary prefix tokens with causal attention and
+# 1-D positions, so a KV cache of the image prefix is exact (not Qwen's M-RoPE, PaliGemma's
+# bidirectional prefix, Gemma 3's image attention or Mllama's cross-attention).
+PREFIX_FAMILIES = frozenset({"llava", "llava_next", "llava_onevision"})
+IMAGE_CACHE_BYTES = 256 * 2**20  # processed images kept per adapter
+TEXT_CACHE_ENTRIES = 65536  # rendered prompts and candidate ids kept per adapter
+
+
+def _hooked(model: torch.nn.Module) -> bool:
+    """Whether a forward hook not of transformers' own making is registered on `model` or
+    globally (transformers installs output-recording hooks on first use; they only record)."""
+    from torch.nn.modules import module as torch_module
+
+    def foreign(hooks) -> bool:
+        return any(not getattr(fn, "__module__", "").startswith("transformers.") for fn in hooks.values())
+
+    if foreign(torch_module._global_forward_hooks) or foreign(torch_module._global_forward_pre_hooks):
+        return True
+    return any(foreign(m._forward_hooks) or foreign(m._forward_pre_hooks) for m in model.modules())
+
+
+def _same_steps(a, b, tol: float = 1e-4) -> bool:
+    """Whether two decodings chose the same tokens with the same log-probabilities."""
+    (rows_a, len_a), (rows_b, len_b) = a, b
+    if len_a != len_b or [[t for t, _ in r] for r in rows_a] != [[t for t, _ in r] for r in rows_b]:
+        return False
+    return all(float((torch.log_softmax(x.float(), -1) - torch.log_softmax(y.float(), -1)).abs().max()) <= tol
+               for ra, rb in zip(rows_a, rows_b) for (_, x), (_, y) in zip(ra, rb))
 
 
 def continuation_logprobs(logits: torch.Tensor, enc: Encoded) -> torch.Tensor:
@@ -55,10 +95,65 @@ class GenerativeAdapter(GenerativeWhiteBox):
             attention_patterns=True, gradients=True,
             notes=("attention patterns are read by switching only the read layers to eager attention",),
         )
+        self.prefix_reuse = True  # share the image prefix's KV cache between queries (exact; see prefix_cache)
+        self._generate_reuse: bool | None = None  # shared-prefix decoding: None until checked once
+        self._image_cache = LRU(max_bytes=IMAGE_CACHE_BYTES)
+        self._image_cache_on, self._image_cache_verified = True, False
+        self._token_cache = LRU(max_entries=TEXT_CACHE_ENTRIES)
+        self._token_cache_on, self._token_cache_verified = True, False
+        self._texts = LRU(max_entries=TEXT_CACHE_ENTRIES)
+        self._continuations = LRU(max_entries=TEXT_CACHE_ENTRIES)
+        self._image_keys: dict[int, tuple] = {}  # id(image) -> (image, key) within one call
+
+    # ------------------------------------------------------------------ caches
+    def _image_key(self, image) -> str:
+        hit = self._image_keys.get(id(image))
+        if hit is not None and hit[0] is image:
+            return hit[1]
+        return image_key(image)
+
+    @contextlib.contextmanager
+    def _call_scope(self, queries: Sequence[Query]) -> Iterator[None]:
+        """Hash each distinct image object of a call once (the queries keep them alive)."""
+        outer = self._image_keys
+        self._image_keys = dict(outer)
+        for q in queries:
+            if q.image is not None and id(q.image) not in self._image_keys:
+                self._image_keys[id(q.image)] = (q.image, image_key(q.image))
+        try:
+            yield
+        finally:
+            self._image_keys = outer
+
+    def _image_cache_fails(self, real):
+        self._image_cache_on = False
+        self._image_cache = LRU(max_bytes=0)
+        return real
+
+    def _token_cache_fails(self, real):
+        self._token_cache_on = False
+        self._token_cache = LRU(max_entries=0)
+        return real
+
+    def clear_caches(self) -> None:
+        """Forget every memoised prompt, candidate, tokenised text and processed image (e.g.
+        after editing the processor)."""
+        self._image_cache = LRU(max_bytes=IMAGE_CACHE_BYTES)
+        self._token_cache = LRU(max_entries=TEXT_CACHE_ENTRIES)
+        self._texts = LRU(max_entries=TEXT_CACHE_ENTRIES)
+        self._continuations = LRU(max_entries=TEXT_CACHE_ENTRIES)
 
     # ------------------------------------------------------------------ prompts
     def render_prompt(self, query: Query) -> str:
-        return self.prompt_text(query.prompt, has_image=query.image is not None)
+        return self._rendered(query.prompt, query.image is not None)
+
+    def _rendered(self, prompt: str, has_image: bool) -> str:
+        key = (prompt, has_image)
+        text = self._texts.get(key)
+        if text is None:  # a Jinja render per query was a tenth of an audit's time
+            text = self.prompt_text(prompt, has_image=has_image)
+            self._texts.put(key, text)
+        return text
 
     def prompt_text(self, prompt: str, *, has_image: bool) -> str:
         template = getattr(self.processor, "chat_template", None)
@@ -96,9 +191,12 @@ class GenerativeAdapter(GenerativeWhiteBox):
         return None
 
     def continuation_ids(self, text: str) -> list[int]:
-        ids = self.tokenizer(" " + text, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise InputError(f"candidate {text!r} tokenizes to nothing")
+        ids = self._continuations.get(text)
+        if ids is None:
+            ids = tuple(self.tokenizer(" " + text, add_special_tokens=False)["input_ids"])
+            if not ids:
+                raise InputError(f"candidate {text!r} tokenizes to nothing")
+            self._continuations.put(text, ids)
         return list(ids)
 
     # ------------------------------------------------------------------ encoding
@@ -113,7 +211,7 @@ class GenerativeAdapter(GenerativeWhiteBox):
 
     def _process(self, prompts: Sequence[str], images: Sequence, *, side: str = "right",
                  texts: Sequence[str] | None = None) -> dict:
-        texts = texts or [self.prompt_text(p, has_image=im is not None) for p, im in zip(prompts, images)]
+        texts = texts or [self._rendered(p, im is not None) for p, im in zip(prompts, images)]
         present = [im for im in images if im is not None]
         if present and len(present) != len(images):
             raise InputError("a batch mixes queries with and without images")
@@ -124,14 +222,41 @@ class GenerativeAdapter(GenerativeWhiteBox):
         # Templates that write BOS themselves (Llama 3, Gemma 3) must not get a second one.
         bos = self.tokenizer.bos_token
         kwargs["add_special_tokens"] = not (bos and all(t.startswith(bos) for t in texts))
-        with self._padding(side):
-            out = self.processor(text=texts, return_tensors="pt", padding=True, padding_side=side, **kwargs)
+        with self._padding(side), self._cached_processing(bool(present)) as cached:
+            try:
+                out = self.processor(text=texts, return_tensors="pt", padding=True, padding_side=side, **kwargs)
+            except Exception:  # noqa: BLE001 - whatever broke, the real processor decides
+                if not cached:
+                    raise
+                self._image_cache_fails(None)
+                self._token_cache_fails(None)
+                out = None
+        if out is None:
+            with self._padding(side):
+                out = self.processor(text=texts, return_tensors="pt", padding=True, padding_side=side, **kwargs)
         return dict(out)
+
+    @contextlib.contextmanager
+    def _cached_processing(self, images: bool) -> Iterator[bool]:
+        """Swap the processor's image processor and tokenizer for their caching stand-ins."""
+        swaps = []
+        for attr, on, proxy in (("image_processor", images and self._image_cache_on, CachedImages),
+                                ("tokenizer", self._token_cache_on, CachedTokenizer)):
+            inner = getattr(self.processor, attr, None)
+            if on and inner is not None and callable(inner) and inner is not self.processor:
+                swaps.append((attr, inner))
+                setattr(self.processor, attr, proxy(self, inner))
+        try:
+            yield bool(swaps)
+        finally:
+            for attr, inner in swaps:
+                setattr(self.processor, attr, inner)
 
     def encode(self, queries: Sequence[Query], continuations: Sequence[Sequence[int]] | None = None) -> Encoded:
         """Context of each query, optionally followed by a continuation (one per query)."""
         texts = [self.render_prompt(q) for q in queries]
-        raw = self._process([q.prompt for q in queries], [q.image for q in queries], texts=texts)
+        with self._call_scope(queries):
+            raw = self._process([q.prompt for q in queries], [q.image for q in queries], texts=texts)
         ids, mask = raw["input_ids"], raw["attention_mask"]
         lengths = [int(n) for n in mask.sum(1)]
         limit = self.context_length
@@ -191,14 +316,29 @@ class GenerativeAdapter(GenerativeWhiteBox):
     @torch.no_grad()
     def score(self, queries: Sequence[Query], *, batch_size: int = 16) -> list[np.ndarray]:
         results: list[np.ndarray | None] = [None] * len(queries)
-        # Batches never mix image and text-only queries (processors require that).
-        for has_image in (True, False):
-            idx = [i for i, q in enumerate(queries) if (q.image is not None) == has_image]
-            for s in range(0, len(idx), batch_size):
-                chunk = idx[s:s + batch_size]
-                for i, scores in zip(chunk, self._score_batch([queries[i] for i in chunk])):
+        with self._call_scope(queries):
+            if self._reuse_prefixes():
+                from audit.adapters.prefix_cache import score_shared_prefixes
+
+                for i, scores in score_shared_prefixes(self, queries, batch_size=batch_size).items():
                     results[i] = scores
+            # Batches never mix image and text-only queries (processors require that).
+            for has_image in (True, False):
+                idx = [i for i, q in enumerate(queries) if results[i] is None and (q.image is not None) == has_image]
+                for s in range(0, len(idx), batch_size):
+                    chunk = idx[s:s + batch_size]
+                    for i, scores in zip(chunk, self._score_batch([queries[i] for i in chunk])):
+                        results[i] = scores
         return results  # type: ignore[return-value]
+
+    def _reuse_prefixes(self) -> bool:
+        """Prefix reuse is exact only for the plain forward of a listed family: a hook or an
+        attention plan expects every forward to see whole sequences."""
+        if not (self.prefix_reuse and self.architecture in PREFIX_FAMILIES and self.capabilities.fusion == "early"):
+            return False
+        from audit.adapters.attention import _PLAN
+
+        return not _PLAN.get() and not _hooked(self.model)
 
     def _score_batch(self, queries: Sequence[Query]) -> list[np.ndarray]:
         cand_ids = [[self.continuation_ids(c) for c in q.candidates] for q in queries]
@@ -231,8 +371,27 @@ class GenerativeAdapter(GenerativeWhiteBox):
         Each row: `text` (the answer), `tokens` (every generated step, the stop token
         included with its log-probability, as vLLM reports it), `finish_reason`
         ("stop" | "length") and `prompt_tokens`. Token strings are raw decodes, so BPE
-        tokens keep their leading space as in OpenAI's API.
+        tokens keep their leading space as in OpenAI's API. Queries that share an image
+        decode on one KV cache of the image prefix (`prefix_cache.generate_shared_prefixes`),
+        checked once per adapter against transformers' `generate`.
         """
+        with self._call_scope(queries):
+            got = None
+            if self._generate_reuse is not False and self._reuse_prefixes():
+                from audit.adapters.prefix_cache import generate_shared_prefixes
+
+                got = generate_shared_prefixes(self, queries, max_new_tokens=max_new_tokens)
+            if got is None or self._generate_reuse is None:
+                plain = self._generate_plain(queries, max_new_tokens)
+                if got is not None:  # first use: keep the shared path only if it decodes the same
+                    self._generate_reuse = _same_steps(got, plain)
+                got = plain
+        steps, prompt_lengths = got
+        return [self._row(row, n, top_k) for row, n in zip(steps, prompt_lengths)]
+
+    def _generate_plain(self, queries: Sequence[Query], max_new_tokens: int):
+        """(per row the generated (token id, scores) steps up to and including a stop token,
+        prompt lengths) from transformers' `generate` on a left-padded batch."""
         raw = self._process([q.prompt for q in queries], [q.image for q in queries], side="left")
         raw = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in raw.items()}
         with self._mismatch_as_input_error():
@@ -241,26 +400,35 @@ class GenerativeAdapter(GenerativeWhiteBox):
                 return_dict_in_generate=True, pad_token_id=self.tokenizer.pad_token_id,
             )
         start = raw["input_ids"].shape[1]
-        stops = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
-        prompt_lengths = [int(n) for n in raw["attention_mask"].sum(1)]
-        results = []
+        stops = self._stops()
+        rows = []
         for r in range(len(queries)):
-            steps, ids, finish = [], [], "length"
+            steps = []
             for t, scores in enumerate(out.scores):
                 tid = int(out.sequences[r, start + t])
-                lp = torch.log_softmax(scores[r].float(), dim=-1)
-                top = []
-                if top_k:
-                    vals, idx = lp.topk(min(top_k, lp.numel()))
-                    top = [(self.tokenizer.decode([int(i)]), float(v)) for v, i in zip(vals, idx)]
-                steps.append({"token": self.tokenizer.decode([tid]), "logprob": float(lp[tid]), "top": top})
+                steps.append((tid, scores[r]))
                 if tid in stops:
-                    finish = "stop"
                     break
-                ids.append(tid)
-            results.append({"text": self._decode(ids), "tokens": steps, "finish_reason": finish,
-                            "prompt_tokens": prompt_lengths[r]})
-        return results
+            rows.append(steps)
+        return rows, [int(n) for n in raw["attention_mask"].sum(1)]
+
+    def _stops(self) -> set:
+        return {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
+
+    def _row(self, steps, prompt_tokens: int, top_k: int) -> dict:
+        out, ids, finish = [], [], "length"
+        for tid, scores in steps:
+            lp = torch.log_softmax(scores.float(), dim=-1)
+            top = []
+            if top_k:
+                vals, idx = lp.topk(min(top_k, lp.numel()))
+                top = [(self.tokenizer.decode([int(i)]), float(v)) for v, i in zip(vals, idx)]
+            out.append({"token": self.tokenizer.decode([tid]), "logprob": float(lp[tid]), "top": top})
+            if tid in self._stops():
+                finish = "stop"
+                break
+            ids.append(tid)
+        return {"text": self._decode(ids), "tokens": out, "finish_reason": finish, "prompt_tokens": prompt_tokens}
 
     def _decode(self, ids: list[int]) -> str:
         if self._word_level:  # decode() would glue the words of a word-level vocabulary together
