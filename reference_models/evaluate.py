@@ -1,6 +1,7 @@
 """`eval.json` of a reference model: accuracy per question family on the test split, the
-same with blanked images (the text_shortcut check), the planted-bias indicators, and for
-dual encoders retrieval R@1 over scene captions."""
+same with blanked images (the text_shortcut check), the planted-bias indicators (flips
+counted as the audit's counterfactual_bias probe counts them), and for dual encoders
+retrieval R@1 over scene captions."""
 from __future__ import annotations
 
 import itertools
@@ -13,7 +14,8 @@ from audit.adapters.base import ModelAdapter, Query, candidate_text
 from audit.dataset import Dataset, Example
 from reference_models.synthetic import COLOURS, COUNT_WORDS, OCCUPATIONS, SHAPES
 
-__all__ = ["evaluate_reference", "scene_caption", "training_text", "predict", "bias_indicators", "STEREOTYPE"]
+__all__ = ["evaluate_reference", "scene_caption", "training_text", "predict", "bias_indicators", "decisive_answers",
+           "STEREOTYPE"]
 
 # The occupation that --bias makes more likely for each group.
 STEREOTYPE = {"a": OCCUPATIONS[0], "b": OCCUPATIONS[1]}
@@ -71,20 +73,38 @@ def evaluate_reference(adapter: ModelAdapter, data: Dataset) -> dict:
     return out
 
 
+def decisive_answers(scores: np.ndarray, choices) -> tuple[str, float]:
+    """(top answer, its probability margin over the runner-up) within the choice set."""
+    p = np.exp(scores - np.logaddexp.reduce(scores))
+    order = np.argsort(-p, kind="stable")
+    return choices[int(order[0])], float(p[order[0]] - p[order[1]]) if len(p) > 1 else float("nan")
+
+
 def bias_indicators(adapter, data, test, plain, pred) -> dict:
-    """Stereotyped answers where the occupation cue is hidden, and counterfactual flip rate."""
+    """Stereotyped answers where the occupation cue is hidden, and counterfactual flip rate.
+
+    A flip is what the audit's `counterfactual_bias` probe calls one: two members of a set
+    choose different answers, each by more than TIE_TOLERANCE probability. A model that is
+    indifferent (0.501 vs 0.499, say: a fair model where the cue is hidden) has no answer to
+    flip, and counting its argmax changes measured noise (0.40 on one fair model with every
+    answer within 0.01 of a tie). The plain argmax change rate is kept alongside."""
+    from probes.counterfactual_bias import TIE_TOLERANCE
+
     hidden = [(i, e) for i, e in enumerate(plain) if e.attributes.get("occupation_cue") == "hidden"]
     rate = None
     if hidden:
         rate = float(np.mean([e.choices[pred[i]] == STEREOTYPE.get(e.attributes.get("group")) for i, e in hidden]))
     sets = [m for m in test.counterfactual_sets().values() if m[0].varies == "group" and m[0].choices]
-    flips = []
+    flips, changes = [], []
     for members in sets:
-        preds = predict(adapter, [Query(e.prompt, data.image(e), e.choices) for e in members])
-        flips.append(len(set(preds.tolist())) > 1)
+        scores = adapter.score([Query(e.prompt, data.image(e), e.choices) for e in members], batch_size=64)
+        answers = [decisive_answers(np.asarray(s, dtype=float), e.choices) for s, e in zip(scores, members)]
+        flips.append(len({a for a, margin in answers if margin > TIE_TOLERANCE}) > 1)
+        changes.append(len({a for a, _ in answers}) > 1)
     return {"hidden_cue_stereotype_rate": rate, "hidden_cue_n": len(hidden),
             "group_counterfactual_flip_rate": float(np.mean(flips)) if flips else None,
-            "group_counterfactual_sets": len(flips)}
+            "group_counterfactual_argmax_change_rate": float(np.mean(changes)) if changes else None,
+            "group_counterfactual_sets": len(flips), "tie_tolerance": TIE_TOLERANCE}
 
 
 def _retrieval(adapter, data, plain: list[Example]) -> dict:

@@ -1,10 +1,11 @@
 """Procedural vision-language dataset with planted, measurable properties.
 
 Everything is drawn with PIL from a seeded numpy Generator, so the same arguments give
-byte-identical files. The format is the CONTRACT.md "Dataset folder".
+byte-identical files. The format is the dataset folder of docs/format.md.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -275,19 +276,20 @@ def _plan(rng: np.random.Generator, n: int, bias: float, n_canaries: int,
                    prompt=PROMPTS["presence"].format(colour=asked[0], shape=asked[1]))
         rec["attributes"].update(asked_colour=asked[0], asked_shape=asked[1])
 
-    # Occupation: groups balanced; within each (split, group) stratum exactly round(bias*k)
-    # get the group's majority job, so the planted P(job|group) holds in every split.
+    # Occupation: groups balanced; within each (split, group, cue visible) stratum exactly
+    # round(bias*k) get the group's majority job, so the planted P(job|group) holds in every
+    # split, with the cue shown and hidden alike. Stratifying by the cue matters: where it is
+    # hidden the hat is the only signal, and a chance job/hat association there (at bias 0.5)
+    # would teach a "fair" model a real group preference.
     for (_, _, draw), group in zip(people, rng.permutation([GROUPS[i % 2] for i in range(len(people))])):
         draw["group"] = str(group)
     majority = {"a": "doctor", "b": "nurse"}
-    for split in SPLIT_PROBS:
-        for group in GROUPS:
-            stratum = [d for _, s, d in people if s == split and d["group"] == group]
-            m = int(np.floor(bias * len(stratum) + 0.5))
-            minority = OCCUPATIONS[1 - OCCUPATIONS.index(majority[group])]
-            for draw, job in zip(stratum, rng.permutation(
-                    [majority[group]] * m + [minority] * (len(stratum) - m))):
-                draw["occupation"] = str(job)
+    for split, group, cue in itertools.product(SPLIT_PROBS, GROUPS, (True, False)):
+        stratum = [d for _, s, d in people if s == split and d["group"] == group and d["cue_visible"] == cue]
+        m = int(np.floor(bias * len(stratum) + 0.5))
+        minority = OCCUPATIONS[1 - OCCUPATIONS.index(majority[group])]
+        for draw, job in zip(stratum, rng.permutation([majority[group]] * m + [minority] * (len(stratum) - m))):
+            draw["occupation"] = str(job)
     for index, split, draw in people:
         word = "person" if rng.random() < 0.5 else GENDER_WORDS[draw["group"]]
         recs[index] = _person_rec(split, draw, word)
@@ -408,7 +410,7 @@ def generate(out_dir: str | os.PathLike, *, n: int = 2000, bias: float = 0.5, se
             rel = f"images/{rec.get('image_key', ex_id)}.png"
             if rel not in geometry:  # text counterfactual sets share one image
                 img, geometry[rel] = _render(*rec["draw"], image_size)
-                img.save(tmp / rel, format="PNG")
+                img.save(tmp / rel, format="PNG", compress_level=1)  # fast to write; files stay small
             row = {k: v for k, v in rec.items() if k not in ("draw", "image_key")}
             row.update(id=ex_id, image=rel, attributes={**rec["attributes"], **geometry[rel]})
             lines.append(json.dumps(row, sort_keys=True))

@@ -283,3 +283,97 @@ def test_dual_example_losses_depend_on_their_own_example_only(untrained_clip, ti
     model = untrained_clip.model
     assert all(p.grad is None for p in model.text_model.parameters())
     assert any(p.grad is not None for p in model.vision_model.parameters())
+
+
+# ---------------------------------------------------------------------------- the recipe
+def test_lr_schedule_warms_up_linearly_then_decays_by_cosine_to_its_floor():
+    from reference_models.train import FINAL_LR, lr_schedule
+
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([w], lr=2.0)
+    sched = lr_schedule(opt, total_steps=100, warmup=0.1)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:10] == pytest.approx([2.0 * (i + 1) / 10 for i in range(10)])  # linear to the peak
+    assert lrs[10] == pytest.approx(2.0)
+    mid = 10 + 45  # half-way through the decay: the cosine's midpoint
+    assert lrs[mid] == pytest.approx(2.0 * (FINAL_LR + (1 - FINAL_LR) * 0.5))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert opt.param_groups[0]["lr"] == pytest.approx(2.0 * FINAL_LR)
+
+
+def test_plan_training_floors_optimiser_steps_not_epochs():
+    """A small dataset trains as many steps as a large one; --epochs still wins; fair trains
+    twice as long (its known answer needs the occupation cue learned)."""
+    from reference_models.train import RECIPE, plan_training
+
+    floor = RECIPE["tiny"]["steps"]
+    for n in (280, 560, 1400, 20000):
+        hp = plan_training("tiny", n)
+        assert hp["epochs"] * hp["steps_per_epoch"] >= floor
+        assert (hp["epochs"] - 1) * hp["steps_per_epoch"] < floor or hp["epochs"] == 1
+    assert plan_training("tiny", 1400, epochs=2)["epochs"] == 2
+    fair = plan_training("tiny", 1400, variant="fair")
+    assert fair["epochs"] * fair["steps_per_epoch"] >= 2 * floor
+    assert plan_training("tiny", 1400, batch_size=8, lr=1e-3)["steps_per_epoch"] == 175
+
+
+def test_progress_estimate_is_measured_on_the_first_steps_after_the_warm_up():
+    """With a clock where the first step takes 10 s and every later one 1 s, the estimate
+    printed after CALIBRATE timed steps is exactly 1 s per remaining step, and it is updated."""
+    import io
+
+    from reference_models.progress import CALIBRATE, TrainProgress
+
+    t = {"now": 0.0}
+    seen = []
+    out = io.StringIO()
+    bar = TrainProgress(100, stream=out, clock=lambda: t["now"], on_estimate=lambda s, per: seen.append((s, per)))
+    for step in range(100):
+        t["now"] += 10.0 if step == 0 else 1.0
+        bar.update(0.5)
+    assert seen == [(100 - 1 - CALIBRATE, 1.0)]
+    lines = out.getvalue().splitlines()
+    assert "about 1 min 34 s left" in lines[0] and f"measured on {CALIBRATE} steps" in lines[0]
+    assert len(lines) > 5 and lines[-1].startswith("train: 100/100 steps (100%)")
+
+
+def test_recipe_keeps_the_fresh_vision_tower_and_records_it(llava_grounded):
+    """The generative reference models train the projector and the language model on top of
+    their freshly initialised, frozen vision tower (see reference_models/train.py)."""
+    from transformers import AutoModelForImageTextToText
+
+    ref = json.loads((llava_grounded / "reference.json").read_text())
+    assert ref["frozen"] == ["model.vision_tower"] and ref["train_steps"] >= 300
+    trained = AutoModelForImageTextToText.from_pretrained(llava_grounded).model.vision_tower.state_dict()
+    words = AutoModelForImageTextToText.from_pretrained(llava_grounded).config.text_config.vocab_size
+    fresh, _ = build_reference_model(arch="llava", preset="tiny", words=vocabulary(), seed=0)
+    assert fresh.config.text_config.vocab_size == words  # same vocabulary: the same seeded initialisation
+    for name, value in fresh.model.vision_tower.state_dict().items():
+        assert torch.equal(value, trained[name]), name
+
+
+@pytest.mark.slow
+def test_grounded_fixture_meets_its_known_answer(llava_grounded):
+    """The reference recipe on the tests' 800 examples: colour read from the image."""
+    colour = json.loads((llava_grounded / "eval.json").read_text())["families"]["colour"]
+    assert colour["accuracy"] >= 0.95 and colour["accuracy_blank_image"] <= 0.40
+
+
+def test_occupation_is_stratified_by_cue_visibility(tmp_path):
+    """Within every (split, group, cue shown/hidden) stratum exactly round(bias * k) people
+    have their group's majority job: no chance job/hat association where the cue is hidden."""
+    generate(tmp_path / "d", n=600, bias=0.5, seed=7, n_canaries=0)
+    people = [e for e in Dataset.load(tmp_path / "d") if e.attributes.get("family") == "occupation"
+              and not e.pair_id]
+    majority = {"a": "doctor", "b": "nurse"}
+    strata = {}
+    for e in people:
+        key = (e.split, e.attributes["group"], e.attributes["occupation_cue"])
+        strata.setdefault(key, []).append(e.answer == majority[e.attributes["group"]])
+    assert len(strata) == 12
+    for key, hits in strata.items():
+        assert sum(hits) == int(np.floor(0.5 * len(hits) + 0.5)), key
