@@ -337,14 +337,7 @@ def test_paligemma_refuses_a_text_only_query(adapter):
         adapter("paligemma").score([Query(PROMPT, None, COLOURS)])
 
 
-# The generic question_mask counts a token the processor adds after the image (outside the
-# rendered text) as part of the question: audit/adapters/generative.py, reported.
-_IMAGE_CLOSER_IN_QUESTION = {"idefics3", "gemma3", "internvl", "smolvlm", "mistral3", "llava_pixtral", "llama4"}
-
-
-@pytest.mark.parametrize("family", [
-    pytest.param(f, marks=pytest.mark.xfail(strict=True, reason="image-closing token counted as question"))
-    if f in _IMAGE_CLOSER_IN_QUESTION else f for f in GENERATIVE])
+@pytest.mark.parametrize("family", GENERATIVE)
 def test_question_mask_is_exactly_the_prompt(adapter, family):
     a = adapter(family)
     enc = a.encode([Query(PROMPT, _img(), COLOURS)])

@@ -480,7 +480,11 @@ class GenerativeAdapter(GenerativeWhiteBox):
             hi = n - len(tail)
             if lo < hi:
                 mask[r, lo:hi] = True
-        return mask & (ids != self.image_token_id)
+        # Tokens the processor adds around the image (image open/close, row separators) are
+        # special added tokens the rendered text never held: never part of the question.
+        special = [i for i, t in getattr(self.tokenizer, "added_tokens_decoder", {}).items() if t.special]
+        special.append(self.image_token_id)
+        return mask & ~torch.isin(ids, torch.tensor(special, device=ids.device))
 
     def pixel_normalisation(self) -> tuple[list[float], list[float]] | None:
         ip = getattr(self.processor, "image_processor", None)
