@@ -482,7 +482,8 @@ class CounterfactualBias(Probe):
             start = len(queries)
             for m in s["members"]:
                 e = by_id[m["example_id"]]
-                queries.append(Query(m["prompt"] or e.prompt, data.image(e), _candidates(e)))
+                queries.append(Query(m["prompt"] or e.prompt, data.image(e), _candidates(e), example_id=e.id,
+                                     variant=f"{s['set_id']}:{s['attribute']}={m['value']}"))
             spans.append((start, len(queries)))
         scores = adapter.score(queries, batch_size=self.batch_size) if queries else []
         records = [dict(probe=self.name, metric="incomplete_set", value=1.0, set_id=s["set_id"],

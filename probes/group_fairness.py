@@ -167,7 +167,7 @@ class GroupFairness(Probe):
         data = unit.dataset()
         examples = list(unit.examples)
         attributes = unit.params.get("attributes", self.attributes)
-        queries = [Query(e.prompt, data.image(e), tuple(e.choices)) for e in examples]
+        queries = [Query(e.prompt, data.image(e), tuple(e.choices), example_id=e.id, variant="none") for e in examples]
         scores = adapter.score(queries, batch_size=self.batch_size) if queries else []
         records = []
         for e, s in zip(examples, scores):

@@ -163,7 +163,7 @@ class Hallucination(Probe):
     def run(self, adapter: ModelAdapter, unit: Unit, *, seed: int) -> pd.DataFrame:
         data = unit.dataset()
         examples = list(unit.examples)
-        queries = [Query(e.prompt, data.image(e), tuple(e.choices)) for e in examples]
+        queries = [Query(e.prompt, data.image(e), tuple(e.choices), example_id=e.id, variant="none") for e in examples]
         scores = adapter.score(queries, batch_size=self.batch_size) if queries else []
         records = []
         for e, s in zip(examples, scores):

@@ -302,7 +302,7 @@ class PrivacyAudit(Probe):
         data = unit.dataset()
         examples = list(unit.examples)
         name, p = self.name, unit.params
-        queries = [Query(e.prompt, data.image(e), (e.answer,)) for e in examples]
+        queries = [Query(e.prompt, data.image(e), (e.answer,), example_id=e.id, variant="canary") for e in examples]
         scores = adapter.score(queries, batch_size=self.batch_size) if queries else []
         records = []
         for e, s in zip(examples, scores):

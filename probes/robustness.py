@@ -233,11 +233,12 @@ class Robustness(Probe):
         for e in examples:
             image = data.image(e)
             rng = np.random.default_rng(seed_for(seed, self.name, e.id))
-            queries.append(Query(e.prompt, image, tuple(e.choices)))
+            queries.append(Query(e.prompt, image, tuple(e.choices), example_id=e.id, variant="clean"))
             keys.append((e, "clean", None))
             for kind, strengths in perturbations.items():
                 for strength in strengths:
-                    queries.append(Query(e.prompt, perturb(image, kind, strength, rng), tuple(e.choices)))
+                    queries.append(Query(e.prompt, perturb(image, kind, strength, rng), tuple(e.choices),
+                                         example_id=e.id, variant=f"{kind}:{float(strength):g}"))
                     keys.append((e, kind, float(strength)))
         scores = adapter.score(queries, batch_size=self.batch_size) if queries else []
         clean_pred: dict[str, int] = {}
@@ -249,7 +250,7 @@ class Robustness(Probe):
             records += self._rows(e, kind, strength, pred, clean_pred[e.id])
         epsilons = unit.params["pgd_epsilons"]
         for batch in _pgd_batches(examples, self.batch_size) if epsilons else []:
-            qs = [Query(e.prompt, data.image(e), tuple(e.choices)) for e in batch]
+            qs = [Query(e.prompt, data.image(e), tuple(e.choices), example_id=e.id, variant="pgd") for e in batch]
             targets = [e.choices.index(e.answer) if e.answer in e.choices else clean_pred[e.id] for e in batch]
             for eps in epsilons:
                 got = pgd_attack(adapter, qs, targets=targets, eps=eps / 255, steps=int(unit.params["pgd_steps"]))

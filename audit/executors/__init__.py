@@ -34,8 +34,12 @@ def run_task(adapter, task: Task) -> pd.DataFrame:
     (pandas keeps attrs when a frame is pickled, so it crosses process boundaries too)."""
     from probes.base import get_probe
 
+    from audit.adapters.generate_mode import GenerateModeAdapter
+
     probe = get_probe(task.probe, **task.options)
-    read0, failed0 = getattr(adapter, "answers_read", None), getattr(adapter, "parse_failures", None)
+    # generate mode counts answers read / not parsed; no other adapter declares them
+    counting = isinstance(adapter, GenerateModeAdapter)
+    read0, failed0 = (adapter.answers_read, adapter.parse_failures) if counting else (0, 0)
     if task.log_samples:
         from audit.samples import recording, samples_frame
 
@@ -44,7 +48,7 @@ def run_task(adapter, task: Task) -> pd.DataFrame:
         rows.attrs["samples"] = samples_frame(records)
     else:
         rows = probe.run(adapter, task.unit, seed=task.seed)
-    if isinstance(read0, int) and isinstance(failed0, int):  # generate mode: answers read / not parsed
+    if counting:
         rows.attrs["answers"] = (adapter.answers_read - read0, adapter.parse_failures - failed0)
     return rows
 
