@@ -456,8 +456,8 @@ def bias_models(tmp_path_factory, bias_data):  # trains: used by slow tests only
     out = {}
     for variant, data in bias_data.items():
         model = root / variant
-        train_reference(arch="llava", preset="tiny", variant=variant, data_dir=data, out_dir=model, epochs=12,
-                        progress=False)
+        train_reference(arch="llava", preset="tiny", variant=variant, data_dir=data, out_dir=model,
+                        progress=False)  # the reference recipe, as users get it
         out[variant] = (data, model)
     return out
 
@@ -537,7 +537,7 @@ def test_reaudit_links_the_parent_run(bias_models, cda_records, tmp_path, monkey
 def clip_biased(tmp_path_factory, bias_models):
     data, _ = bias_models["biased"]
     out = tmp_path_factory.mktemp("clip") / "clip-biased"
-    train_reference(arch="clip", preset="tiny", variant="biased", data_dir=data, out_dir=out, epochs=5, progress=False)
+    train_reference(arch="clip", preset="tiny", variant="biased", data_dir=data, out_dir=out, progress=False)
     return data, out
 
 

@@ -85,9 +85,9 @@ def test_save_load_gives_identical_logits(tmp_path, arch):
 
 
 @pytest.mark.slow
-def test_trained_model_round_trip_reproduces_eval(llava_grounded, small_data):
+def test_trained_model_round_trip_reproduces_eval(llava_grounded, reference_data):
     saved = json.loads((llava_grounded / "eval.json").read_text())
-    again = evaluate_reference(load_adapter(llava_grounded), Dataset.load(small_data))
+    again = evaluate_reference(load_adapter(llava_grounded), Dataset.load(reference_data))
     assert again == saved
 
 
@@ -358,7 +358,7 @@ def test_recipe_keeps_the_fresh_vision_tower_and_records_it(llava_grounded):
 
 @pytest.mark.slow
 def test_grounded_fixture_meets_its_known_answer(llava_grounded):
-    """The reference recipe on the tests' 800 examples: colour read from the image."""
+    """The reference recipe on the data size it is stated for: colour read from the image."""
     colour = json.loads((llava_grounded / "eval.json").read_text())["families"]["colour"]
     assert colour["accuracy"] >= 0.95 and colour["accuracy_blank_image"] <= 0.40
 
