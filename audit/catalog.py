@@ -110,7 +110,8 @@ _BUILTIN = (
         citation="Gat et al. 2021, Perceptual Score: What Data Modalities Does Your Model Perceive? (NeurIPS)",
         suites=(_QUICK, _STD, _FULL), section="interpretability", page="modality",
         module="probes.modality_ablation:ModalityAblation",
-        known_answer="blind model (zeroed projector) and `text_shortcut` read exactly 0",
+        known_answer="blind model (zeroed projector) and `text_shortcut` read exactly 0 (image; `audio_reliance` "
+                     "for the audio reference)",
         needs=("logprobs",), metrics=(
             _m("image_reliance", "Image reliance", "How far the answer distribution moves (total variation, 0-1) "
                "when the image is replaced; 0 means the answer ignores the image.", dims=("variant",), headline=True),
@@ -124,6 +125,11 @@ _BUILTIN = (
             _m("perceptual_score_image", "Perceptual score (image)", "Relative accuracy drop when images are "
                "permuted across examples (Gat et al.), averaged over permutations.", unit="ratio"),
             _m("perceptual_score_text", "Perceptual score (text)", "Relative accuracy drop when prompts are "
+               "permuted across examples, averaged over permutations.", unit="ratio"),
+            _m("audio_reliance", "Audio reliance", "How far the answer distribution moves (total variation, 0-1) "
+               "when the audio clip is silenced, replaced by noise or by another example's clip; 0 means the answer "
+               "ignores the audio.", dims=("variant",), headline=True),
+            _m("perceptual_score_audio", "Perceptual score (audio)", "Relative accuracy drop when audio clips are "
                "permuted across examples, averaged over permutations.", unit="ratio"),
         )),
     ProbeSpec(
@@ -173,6 +179,11 @@ _BUILTIN = (
             _m("t_shap", "Text share of Shapley value", "Share carried by the prompt's words.", headline=True),
             _m("v_shap_sampling_se", "Sampling error of v_shap", "Standard error of the mean v_shap from "
                "permutation sampling (not from the choice of examples).", "lower"),
+            _m("a_shap", "Audio share of Shapley value", "Share of the answer's Shapley attribution carried by "
+               "the audio clip's time segments; with t_shap (and v_shap when there is an image) it sums to 1.",
+               headline=True),
+            _m("a_shap_sampling_se", "Sampling error of a_shap", "Standard error of the mean a_shap from "
+               "permutation sampling (not from the choice of examples).", "lower"),
         )),
     ProbeSpec(
         name="attribution", title="Integrated Gradients and patch ablation", category="interpretability",
@@ -206,6 +217,33 @@ _BUILTIN = (
                "residual stream at one position group.", unit="ratio", dims=("position_group", "layer")),
             _m("patch_delta", "Patch delta", "Change of the answer log-probability from restoring one site.",
                unit="nats", dims=("position_group", "layer")),
+        )),
+    ProbeSpec(
+        name="moe_routing", title="Mixture-of-experts routing by modality", category="interpretability",
+        description="Which experts a mixture-of-experts decoder sends image and text tokens to: expert load by "
+                    "modality, a modality-specialisation index (normalised mutual information of token modality "
+                    "and top-1 expert), router entropy, and how far a blank image moves the text tokens' routing; "
+                    "router logits read by forward hooks at language.blocks.{i}.router.",
+        citation="Lin et al. 2024, MoE-LLaVA: Mixture of Experts for Large Vision-Language Models; "
+                 "Shazeer et al. 2017, Outrageously Large Neural Networks: The Sparsely-Gated Mixture-of-Experts "
+                 "Layer (ICLR)",
+        suites=(_FULL,), section="interpretability", page="modality", module="probes.moe_routing:MoERouting",
+        needs=("white_box", "hooks"), kinds=("generative",), fusions=("early",), black_box="no",
+        known_answer="`moe` reference model: `specialised` reads 1, `shared` reads 0 (routing fixed by "
+                     "construction); router hooks leave logits bit-identical",
+        metrics=(
+            _m("modality_specialisation", "Modality specialisation of experts", "Normalised mutual information "
+               "(2I/(H_M+H_E)) between token modality and top-1 expert, per layer and its mean over layers; "
+               "1 = the expert determines the modality, 0 = routing independent of modality.",
+               unit="score", dims=("layer",), headline=True),
+            _m("router_entropy", "Router entropy", "Mean entropy of the router's softmax over experts per token "
+               "(0 = one expert certain, ln(#experts) = uniform), per layer and modality.", unit="nats",
+               dims=("modality", "layer"), headline=True),
+            _m("expert_load", "Expert load by modality", "Share of a modality's tokens whose top-1 expert is this "
+               "expert (variant expert:k), per layer.", dims=("layer", "modality", "variant")),
+            _m("routing_shift", "Routing shift without the image", "Total variation between the text tokens' "
+               "top-1 expert distributions with the real and with a blank image; 0 = the image does not move "
+               "the text's routing.", dims=("layer",)),
         )),
     ProbeSpec(
         name="counterfactual_bias", title="Counterfactual bias", category="fairness",

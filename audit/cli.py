@@ -37,11 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=seed, default=0)
     d.add_argument("--image-size", type=image_size, default=64, help="side of each image in pixels (default 64)")
     d.add_argument("--overwrite", action="store_true", help="replace an existing DATA_DIR")
+    d.add_argument("--audio", action="store_true", help="the synthetic audio dataset instead (tones and beeps as WAV; "
+                   "--n and --seed apply)")
 
     t = rsub.add_parser("train", help="train a reference model and save it in Hugging Face form")
-    t.add_argument("--arch", required=True, choices=ARCHS)
+    t.add_argument("--arch", required=True, choices=(*ARCHS, "audio"),
+                   help="audio: the tiny Qwen2-Audio reference (variants grounded/text_shortcut, --preset tiny)")
     t.add_argument("--preset", required=True, choices=tuple(PRESETS))
-    t.add_argument("--variant", required=True, choices=("grounded", "text_shortcut", "biased", "fair"))
+    t.add_argument("--variant", required=True,
+                   choices=("grounded", "text_shortcut", "biased", "fair", "specialised", "shared"),
+                   help="specialised/shared: --arch moe only (expert routing by modality / independent of it)")
     t.add_argument("--data", required=True, metavar="DATA_DIR")
     t.add_argument("--out", required=True, metavar="MODEL_DIR")
     t.add_argument("--device", default="cpu", choices=("cpu", "cuda"))

@@ -25,6 +25,14 @@ def cmd_reference(args: argparse.Namespace) -> int:
     from audit.paths import check_output
 
     out = Path(args.out).expanduser()
+    if args.reference_command == "data" and args.audio:
+        from reference_models.audio import generate_audio
+
+        if args.overwrite:
+            _replaceable(out, marker="datacard.json", what="a dataset folder")
+        card = generate_audio(args.out, n=args.n, seed=args.seed, overwrite=args.overwrite)
+        print(f"wrote {card['counts']['total']} audio examples to {args.out} (splits: {card['counts']['by_split']})")
+        return 0
     if args.reference_command == "data":
         from reference_models.synthetic import generate
 
@@ -38,6 +46,16 @@ def cmd_reference(args: argparse.Namespace) -> int:
     from reference_models.train import train_reference
 
     check_output(out, inputs=[("--data", args.data)])
+    if args.arch == "audio":
+        from reference_models.audio import train_audio_reference
+
+        if args.overwrite:
+            _replaceable(out, marker="reference.json", what="a reference model folder")
+        metrics = train_audio_reference(variant=args.variant, data_dir=args.data, out_dir=args.out, preset=args.preset,
+                                        epochs=args.epochs, seed=args.seed, progress=True, overwrite=args.overwrite)
+        fams = ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in metrics["families"].items())
+        print(f"saved {args.out}; test accuracy {metrics['accuracy']:.3f} ({fams}); see {Path(args.out) / 'eval.json'}")
+        return 0
     if args.overwrite and not (out / "checkpoint").is_dir():
         _replaceable(out, marker="reference.json", what="a reference model folder")
     metrics = train_reference(arch=args.arch, preset=args.preset, variant=args.variant, data_dir=args.data,

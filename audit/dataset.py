@@ -2,7 +2,8 @@
 
 Every problem is an InputError naming the manifest line and field, so the CLI can print
 one clear line and exit 2. Images are opened lazily and defensively (size checked from the
-header before any decoding).
+header before any decoding); audio clips likewise (file size and duration checked from the
+header before any sample is read).
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import hashlib
 import json
 import os
 import threading
+import wave
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
@@ -17,19 +19,28 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
+from audit.adapters.base import Audio
 from audit.errors import InputError
 
-__all__ = ["Example", "Dataset", "FrozenAttributes", "SPLITS", "IMAGE_EXTENSIONS"]
+__all__ = ["Example", "Dataset", "FrozenAttributes", "SPLITS", "IMAGE_EXTENSIONS", "AUDIO_EXTENSIONS",
+           "MAX_AUDIO_SECONDS", "MAX_AUDIO_BYTES"]
 
 MANIFEST = "manifest.jsonl"
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+AUDIO_EXTENSIONS = (".wav", ".flac")
+# Limits checked before any sample is decoded: 30 s is Qwen2-Audio's whole window, and no
+# clip that fits it needs more than 64 MiB even at 192 kHz stereo 32-bit.
+MAX_AUDIO_SECONDS = 30.0
+MAX_AUDIO_BYTES = 64 * 2**20
 _PIL_FORMATS = ("PNG", "JPEG", "WEBP")  # never let another PIL plugin parse user files
 FIELDS = ("id", "image", "prompt", "answer", "choices", "attributes", "pair_id", "varies",
-          "tags", "split")
+          "tags", "split", "audio")
 CACHE_SIZE = 256
+AUDIO_CACHE_SIZE = 64
 
 ERR_NO_MANIFEST = "no manifest.jsonl here (expected the dataset folder or its manifest.jsonl)"
 ERR_BAD_ON_ERROR = "on_error must be 'stop' or 'skip', got {value!r}"
@@ -54,6 +65,15 @@ ERR_IMAGE_BOMB = ("image {path} (example {id!r}) is too large: {width}x{height} 
                   "pixels, over the limit of {limit}")
 ERR_IMAGE_TOO_BIG = "image {path} (example {id!r}) is too large to open safely ({detail})"
 ERR_IMAGE_BAD = "image {path} (example {id!r}) is truncated or corrupt ({detail})"
+ERR_AUDIO_ABSOLUTE = "field 'audio' {path!r} must be a path relative to the dataset folder"
+ERR_AUDIO_ESCAPES = "field 'audio' {path!r} points outside the dataset folder"
+ERR_AUDIO_EXT = "field 'audio' {path!r} has extension {ext!r}; expected one of wav, flac"
+ERR_AUDIO_MISSING = "field 'audio' {path!r}: no such file"
+ERR_AUDIO_BYTES = "audio {path} (example {id!r}) is {size} bytes, over the limit of {limit}"
+ERR_AUDIO_LONG = "audio {path} (example {id!r}) is {seconds:.2f} s long, over the limit of {limit:g} s"
+ERR_AUDIO_BAD = "audio {path} (example {id!r}) is truncated, corrupt or not PCM ({detail})"
+ERR_AUDIO_FLAC = ("audio {path} (example {id!r}) is FLAC, which needs the soundfile package: "
+                  "pip install soundfile (or convert the file to WAV)")
 
 # PIL's own guard is a process global; we lower it only while opening, under this lock.
 _PIL_GUARD_LOCK = threading.Lock()
@@ -101,6 +121,7 @@ class Example:
     tags: tuple[str, ...] = ()
     split: str | None = None
     line: int = 0
+    audio: str | None = None  # audio clip path (after `line`: positional construction is unchanged)
 
 
 def _kind(value: Any) -> str:
@@ -108,25 +129,53 @@ def _kind(value: Any) -> str:
                                          bool: "a boolean"}.get(type(value), "a number")
 
 
+_IMAGE_ERRORS = (ERR_IMAGE_ABSOLUTE, ERR_IMAGE_ESCAPES, ERR_IMAGE_EXT, ERR_IMAGE_MISSING)
+_AUDIO_ERRORS = (ERR_AUDIO_ABSOLUTE, ERR_AUDIO_ESCAPES, ERR_AUDIO_EXT, ERR_AUDIO_MISSING)
+
+
 def _check_image_path(raw: str, root: Path) -> str:
+    return _check_path(raw, root, field="image", extensions=IMAGE_EXTENSIONS, errors=_IMAGE_ERRORS)
+
+
+def _check_audio_path(raw: str, root: Path) -> str:
+    return _check_path(raw, root, field="audio", extensions=AUDIO_EXTENSIONS, errors=_AUDIO_ERRORS)
+
+
+def _check_path(raw: str, root: Path, *, field: str, extensions: tuple[str, ...], errors: tuple[str, ...]) -> str:
     """Reject absolute paths, `..` escapes (also through symlinks), odd extensions, missing files."""
+    absolute, escapes, bad_ext, missing = errors
     if not raw:
-        raise ValueError(ERR_TYPE.format(field="image", expected="a non-empty string or null",
+        raise ValueError(ERR_TYPE.format(field=field, expected="a non-empty string or null",
                                          kind="an empty string"))
     if PurePosixPath(raw).is_absolute() or PureWindowsPath(raw).is_absolute() or raw.startswith("\\"):
-        raise ValueError(ERR_IMAGE_ABSOLUTE.format(path=raw))
+        raise ValueError(absolute.format(path=raw))
     parts = PurePosixPath(raw.replace("\\", "/")).parts
     if ".." in parts:
-        raise ValueError(ERR_IMAGE_ESCAPES.format(path=raw))
+        raise ValueError(escapes.format(path=raw))
     ext = os.path.splitext(raw)[1].lower()
-    if ext not in IMAGE_EXTENSIONS:
-        raise ValueError(ERR_IMAGE_EXT.format(path=raw, ext=ext))
+    if ext not in extensions:
+        raise ValueError(bad_ext.format(path=raw, ext=ext))
     full = root.joinpath(*parts)
     if not full.is_file():
-        raise ValueError(ERR_IMAGE_MISSING.format(path=raw))
+        raise ValueError(missing.format(path=raw))
     if not full.resolve().is_relative_to(root.resolve()):
-        raise ValueError(ERR_IMAGE_ESCAPES.format(path=raw))
+        raise ValueError(escapes.format(path=raw))
     return "/".join(parts)
+
+
+def _pcm_to_float(frames: bytes, width: int, channels: int) -> np.ndarray:
+    """Interleaved little-endian PCM -> mono float32 in [-1, 1] (channels averaged)."""
+    if width == 1:  # 8-bit WAV is unsigned
+        x = (np.frombuffer(frames, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
+    elif width == 3:  # 24-bit: sign-extend three bytes into an int32
+        b = np.frombuffer(frames, dtype=np.uint8).reshape(-1, 3).astype(np.int32)
+        v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
+        x = (np.where(v >= 1 << 23, v - (1 << 24), v) / float(1 << 23)).astype(np.float32)
+    elif width in (2, 4):
+        x = np.frombuffer(frames, dtype=f"<i{width}").astype(np.float32) / float(1 << (8 * width - 1))
+    else:
+        raise ValueError(f"{8 * width}-bit samples are not supported")
+    return x.reshape(-1, channels).mean(axis=1)
 
 
 def _parse(obj: Any, line: int, root: Path) -> Example:
@@ -163,7 +212,10 @@ def _parse(obj: Any, line: int, root: Path) -> Example:
     if obj.get("varies") is not None and obj.get("pair_id") is None:
         raise ValueError(ERR_VARIES)
     image = _check_image_path(obj["image"], root) if obj.get("image") is not None else None
-    return Example(id=obj["id"], prompt=obj["prompt"], image=image, answer=obj.get("answer"),
+    if obj.get("audio") is not None and not isinstance(obj["audio"], str):
+        raise ValueError(ERR_TYPE.format(field="audio", expected="a string or null", kind=_kind(obj["audio"])))
+    audio = _check_audio_path(obj["audio"], root) if obj.get("audio") is not None else None
+    return Example(id=obj["id"], prompt=obj["prompt"], image=image, audio=audio, answer=obj.get("answer"),
                    choices=tuple(choices) if choices is not None else None,
                    attributes=FrozenAttributes(attributes),
                    pair_id=obj.get("pair_id"), varies=obj.get("varies"),
@@ -180,6 +232,7 @@ class _Shared:
         self.image_paths = sorted(set(image_paths))
         self.max_image_pixels = max_image_pixels
         self.cache: OrderedDict[str, Image.Image] = OrderedDict()
+        self.audio_cache: OrderedDict[str, Audio] = OrderedDict()
         self.lock = threading.Lock()
         self.sha256: str | None = None
 
@@ -244,7 +297,9 @@ class Dataset:
                 continue
             first_line[ex.id] = number
             examples.append(ex)
-        shared = _Shared(root, data, [ex.image for ex in examples if ex.image], max_image_pixels)
+        # audio files join the hashed files (a folder without audio hashes exactly as before)
+        media = [ex.image for ex in examples if ex.image] + [ex.audio for ex in examples if ex.audio]
+        shared = _Shared(root, data, media, max_image_pixels)
         return cls(shared, tuple(examples), tuple(skipped))
 
     # -- container protocol ------------------------------------------------------------
@@ -326,7 +381,7 @@ class Dataset:
     # -- integrity ---------------------------------------------------------------------
     @property
     def sha256(self) -> str:
-        """Hash of the manifest bytes and every image file the loaded manifest references
+        """Hash of the manifest bytes and every image and audio file the loaded manifest references
         (sorted by path). Subsets share their parent's hash: it identifies the folder."""
         shared = self._shared
         with shared.lock:
@@ -426,3 +481,75 @@ class Dataset:
             if verdict[ex.image] is not None:
                 problems.append((ex.id, verdict[ex.image]))
         return problems
+
+    # -- audio -------------------------------------------------------------------------
+    def audio(self, example: Example) -> Audio | None:
+        """The example's clip as a mono float32 `Audio`, or None if it has none. Size and
+        duration are checked from the file and its header before any sample is decoded."""
+        if example.audio is None:
+            return None
+        shared = self._shared
+        with shared.lock:
+            cached = shared.audio_cache.get(example.audio)
+            if cached is not None:
+                shared.audio_cache.move_to_end(example.audio)
+                return cached  # immutable (read-only waveform): no copy needed
+        clip = _read_audio(shared.root / example.audio, example.id)
+        with shared.lock:
+            shared.audio_cache[example.audio] = clip
+            while len(shared.audio_cache) > AUDIO_CACHE_SIZE:
+                shared.audio_cache.popitem(last=False)
+        return clip
+
+    def check_audio(self) -> list[tuple[str, str]]:
+        """(example id, problem) for every audio clip that is oversized, too long or unreadable."""
+        problems: list[tuple[str, str]] = []
+        for ex in self.examples:
+            if ex.audio is not None:
+                try:
+                    self.audio(ex)
+                except InputError as exc:
+                    problems.append((ex.id, str(exc)))
+        return problems
+
+
+def _read_audio(full: Path, example_id: str) -> Audio:
+    size = full.stat().st_size
+    if size > MAX_AUDIO_BYTES:
+        raise InputError(ERR_AUDIO_BYTES.format(path=full, id=example_id, size=size, limit=MAX_AUDIO_BYTES))
+    if full.suffix.lower() == ".flac":
+        return _read_flac(full, example_id)
+    try:
+        with wave.open(str(full), "rb") as w:
+            channels, width, rate, n = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
+            if rate < 1 or channels < 1:
+                raise ValueError(f"sample rate {rate}, {channels} channels")
+            if n / rate > MAX_AUDIO_SECONDS:
+                raise InputError(ERR_AUDIO_LONG.format(path=full, id=example_id, seconds=n / rate,
+                                                       limit=MAX_AUDIO_SECONDS))
+            frames = w.readframes(n)
+        if n == 0 or len(frames) != n * channels * width:  # the header promises more than the file holds
+            raise ValueError(f"{len(frames)} bytes of samples, header promises {n * channels * width}")
+        return Audio(_pcm_to_float(frames, width, channels), rate)
+    except InputError:
+        raise
+    except (wave.Error, EOFError, OSError, ValueError) as exc:
+        raise InputError(ERR_AUDIO_BAD.format(path=full, id=example_id, detail=exc)) from None
+
+
+def _read_flac(full: Path, example_id: str) -> Audio:
+    try:
+        import soundfile
+    except ImportError:
+        raise InputError(ERR_AUDIO_FLAC.format(path=full, id=example_id)) from None
+    try:
+        info = soundfile.info(str(full))
+        if info.frames / info.samplerate > MAX_AUDIO_SECONDS:
+            raise InputError(ERR_AUDIO_LONG.format(path=full, id=example_id, seconds=info.frames / info.samplerate,
+                                                   limit=MAX_AUDIO_SECONDS))
+        data, rate = soundfile.read(str(full), dtype="float32", always_2d=True)
+        return Audio(data.mean(axis=1), rate)
+    except InputError:
+        raise
+    except (RuntimeError, OSError, ValueError) as exc:  # soundfile.LibsndfileError is a RuntimeError
+        raise InputError(ERR_AUDIO_BAD.format(path=full, id=example_id, detail=exc)) from None

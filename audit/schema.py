@@ -51,6 +51,7 @@ ROW_DTYPES: dict[str, str] = {
     "site": "string",        # canonical hook site (an identifier, never parsed)
     "set_id": "string",      # counterfactual set (pair_id)
     "grid_row": "Int64", "grid_col": "Int64",  # image-grid cell (heatmaps, patches)
+    # a text token (index, text) or, for modality "audio", a time segment (index, span "0.09-0.18s")
     "token_index": "Int64", "token": "string",
     "choice": "string",      # a candidate answer's text (with `token_index` = its position among the choices)
     "draw": "Int64",         # which random draw (a permutation, a resample) produced the row

@@ -38,7 +38,8 @@ def answer_text(e: Example) -> str:
 
 
 def queries(data, batch: Sequence[Example]) -> list[Query]:
-    return [Query(e.prompt, data.image(e), tuple(e.choices or (e.answer,))) for e in batch]
+    return [Query(e.prompt, data.image(e), tuple(e.choices or (e.answer,)),
+                  audio=data.audio(e) if e.audio is not None else None) for e in batch]
 
 
 def _generative(adapter) -> bool:

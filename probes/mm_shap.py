@@ -15,6 +15,14 @@ Sampling error: the antithetic pairs are independent draws, so each player's `sh
 is the standard error of its per-pair estimates, and `v_shap_se` is the jackknife (leave
 one pair out) standard error of v_shap, the ratio the probe reports. An example whose
 answer score depends on no player has no shares (0/0) and writes no rows.
+
+Audio: on a model that reads audio (`capabilities.modalities`), an example's clip is cut
+into as many equal time segments as the image would have patches (g x g, the same balance);
+a masked segment is silence (zeros, the clip keeps its length). Then
+    a_shap = sum|phi_audio| / sum|phi|,  with v_shap and t_shap the image and text shares,
+all three summing to 1; segment rows have modality "audio", `token_index` = the segment
+and `token` = its time span ("0.00-0.10s"). Examples without audio take the image-only path
+above unchanged.
 """
 from __future__ import annotations
 
@@ -26,11 +34,12 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from audit.adapters.base import ModelAdapter, Query
+from audit.adapters.base import Audio, ModelAdapter, Query
 from audit.catalog import CATALOG
 from audit.dataset import Example
 from audit.stats import mean_ci, seed_for
-from probes.base import Probe, Unit, metrics_frame, register, rows_frame
+from probes.base import Plan, Probe, Unit, metrics_frame, register, rows_frame
+from probes.modality_ablation import plan_readable, readable_examples
 
 PERMUTATION_PAIRS = 4
 MASK_WORD = "_"
@@ -121,6 +130,40 @@ def mask_image(img: Image.Image, keep: np.ndarray, grid: int) -> Image.Image:
     return Image.fromarray(arr)
 
 
+def mask_audio(clip: Audio, keep: np.ndarray) -> Audio:
+    """The clip with every segment not kept silenced (len(keep) equal segments; length unchanged)."""
+    w = np.array(clip.waveform)
+    n, k = w.size, len(keep)
+    for s, kept in enumerate(keep):
+        if not kept:
+            w[s * n // k:(s + 1) * n // k] = 0.0
+    return Audio(w, clip.sample_rate)
+
+
+def group_shares(phi: np.ndarray, sizes: Sequence[int]) -> list:
+    """Share of sum|phi| carried by each consecutive block of players (`sizes` players each)."""
+    edges = np.cumsum([0, *sizes])
+    parts = [np.abs(phi[..., a:b]).sum(-1) for a, b in zip(edges[:-1], edges[1:])]
+    total = sum(parts)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return [p / total for p in parts]
+
+
+def group_sampling_errors(phi: np.ndarray, sizes: Sequence[int]) -> tuple[np.ndarray, list[float]]:
+    """`sampling_errors` for any number of player blocks: per-player SE, jackknife SE of each share."""
+    pairs = phi.shape[0] // 2
+    if pairs < 2:
+        return np.full(phi.shape[1], np.nan), [float("nan")] * len(sizes)
+    per_pair = phi.reshape(pairs, 2, -1).mean(1)
+    se_player = per_pair.std(axis=0, ddof=1) / np.sqrt(pairs)
+    loo = (per_pair.sum(0)[None] - per_pair) / (pairs - 1)
+    out = []
+    for share in group_shares(loo, sizes):
+        ok = np.all(np.isfinite(share))
+        out.append(float(np.sqrt((pairs - 1) / pairs * ((share - share.mean()) ** 2).sum())) if ok else float("nan"))
+    return se_player, out
+
+
 def _target(example: Example, cands: tuple[str, ...]) -> int | None:
     """Index of the reference answer among the candidates (None: take the model's choice)."""
     return cands.index(example.answer) if example.answer in cands else None
@@ -138,11 +181,19 @@ class MMShap(Probe):
             raise ValueError("pairs must be >= 2 (one pair leaves no sampling error)")
         self.pairs = pairs
 
+    def select(self, data):
+        return readable_examples(data)
+
+    def plan(self, adapter: ModelAdapter, data, *, max_examples: int | None = None) -> Plan:
+        return plan_readable(self, adapter, data, max_examples=max_examples)
+
     def cost_of(self, adapter: ModelAdapter, examples: Sequence[Example]) -> float:
         total = 0
+        reads = adapter.capabilities.modalities
         for e in examples:
             n_text = len(e.prompt.split())
-            total += distinct_coalitions_bound(n_text + grid_side(n_text) ** 2, self.pairs)
+            blocks = (e.image is not None and "image" in reads) + (e.audio is not None and "audio" in reads)
+            total += distinct_coalitions_bound(n_text + blocks * grid_side(n_text) ** 2, self.pairs)
             total += _target(e, tuple(e.choices or (e.answer,))) is None  # the intact input, scored once
         return float(total)
 
@@ -152,8 +203,59 @@ class MMShap(Probe):
         for e in unit.examples:
             # per-example stream: an example's estimate does not depend on its neighbours
             rng = np.random.default_rng([seed, zlib.crc32(e.id.encode())])
-            records += self._example(adapter, e, data.image(e), rng)
+            clip = data.audio(e) if "audio" in adapter.capabilities.modalities else None
+            img = data.image(e) if "image" in adapter.capabilities.modalities else None
+            if clip is None:
+                records += self._example(adapter, e, img, rng)
+            else:
+                records += self._audio_example(adapter, e, img, clip, rng)
         return rows_frame(records)
+
+    def _audio_example(self, adapter, e: Example, img: Image.Image | None, clip: Audio, rng) -> list[dict]:
+        """Players: words, image patches (when the model also sees the image), audio segments."""
+        cands = tuple(e.choices or (e.answer,))
+        target = _target(e, cands)
+        if target is None:
+            target = int(np.argmax(adapter.score([Query(e.prompt, img, cands, audio=clip)],
+                                                 batch_size=self.batch_size)[0]))
+        words = e.prompt.split()
+        n_text, grid = len(words), grid_side(len(words))
+        n_img = grid * grid if img is not None else 0
+        n_seg = grid * grid
+        sizes = (n_text, n_img, n_seg)
+
+        def value(masks):
+            qs = [Query(" ".join(w if m else MASK_WORD for w, m in zip(words, mask[:n_text])),
+                        mask_image(img, mask[n_text:n_text + n_img], grid) if img is not None else None, cands,
+                        audio=mask_audio(clip, mask[n_text + n_img:])) for mask in masks]
+            return [s[target] for s in adapter.score(qs, batch_size=self.batch_size)]
+
+        phi = shapley_permutations(value, sum(sizes), pairs=self.pairs, rng=rng)
+        est = phi.mean(0)
+        t_hat, v_hat, a_hat = group_shares(est, sizes)
+        if not np.isfinite(a_hat):
+            return []  # the answer's score depends on no player: shares undefined
+        se_player, (_, se_v, se_a) = group_sampling_errors(phi, sizes)
+        name = self.name
+        records = [dict(probe=name, metric="t_shap", value=float(t_hat), example_id=e.id, modality="text"),
+                   dict(probe=name, metric="a_shap", value=float(a_hat), example_id=e.id, modality="audio"),
+                   dict(probe=name, metric="a_shap_se", value=se_a, example_id=e.id, modality="audio")]
+        if img is not None:
+            records += [dict(probe=name, metric="v_shap", value=float(v_hat), example_id=e.id, modality="image"),
+                        dict(probe=name, metric="v_shap_se", value=se_v, example_id=e.id, modality="image")]
+        n, rate = clip.waveform.size, clip.sample_rate  # segment s is samples [s*n//K, (s+1)*n//K), as masked
+        for k, (x, se) in enumerate(zip(est, se_player)):
+            if k < n_text:
+                where = dict(modality="text", token_index=k, token=words[k])
+            elif k < n_text + n_img:
+                where = dict(modality="image", grid_row=(k - n_text) // grid, grid_col=(k - n_text) % grid)
+            else:
+                s = k - n_text - n_img
+                where = dict(modality="audio", token_index=s,
+                             token=f"{s * n // n_seg / rate:.2f}-{(s + 1) * n // n_seg / rate:.2f}s")
+            records += [dict(probe=name, metric="shapley", value=float(x), example_id=e.id, **where),
+                        dict(probe=name, metric="shapley_se", value=float(se), example_id=e.id, **where)]
+        return records
 
     def _example(self, adapter, e: Example, img: Image.Image, rng) -> list[dict]:
         cands = tuple(e.choices or (e.answer,))
@@ -188,7 +290,7 @@ class MMShap(Probe):
     def summarize(self, rows: pd.DataFrame, *, seed: int) -> pd.DataFrame:
         out: list[dict] = []
         name = self.name
-        for metric, modality in (("v_shap", "image"), ("t_shap", "text")):
+        for metric, modality in (("v_shap", "image"), ("t_shap", "text"), ("a_shap", "audio")):
             v = rows[rows.metric == metric].sort_values("example_id").value
             if v.empty:
                 continue
@@ -199,4 +301,8 @@ class MMShap(Probe):
         if not se.empty and se.notna().all():  # the mean over examples: independent errors combine
             out.append(dict(probe=name, metric="v_shap_sampling_se", value=float(np.sqrt((se ** 2).sum()) / len(se)),
                             n=int(se.size), modality="image", scope="overall"))
+        se = rows[rows.metric == "a_shap_se"].value
+        if not se.empty and se.notna().all():
+            out.append(dict(probe=name, metric="a_shap_sampling_se", value=float(np.sqrt((se ** 2).sum()) / len(se)),
+                            n=int(se.size), modality="audio", scope="overall"))
         return metrics_frame(out)

@@ -7,7 +7,13 @@ scores unchanged, 1 when the answer moves to a disjoint set of choices.
   image ablations: blank (mid-grey), mean (mean image of the work unit), noise (seeded
                    Gaussian), shuffled (another example's image, Gat et al. 2021)
   text ablations:  empty (prompt removed), shuffled (another example's prompt)
-`image_reliance` / `text_reliance` are the per-example means over each modality's
+  audio ablations: silence (zeros), noise (seeded Gaussian at the clip's RMS), shuffled
+                   (another example's clip, cut or zero-padded to this clip's length) —
+                   for examples with an `audio` clip, on models that read audio
+                   (`capabilities.modalities`); drawn from their own random stream, so the
+                   image and text ablations draw exactly what they drew before audio existed
+                   (on data without audio every row is unchanged)
+`image_reliance` / `text_reliance` / `audio_reliance` are the per-example means over each modality's
 ablations, averaged over examples; the interval is a BCa bootstrap over examples, or the
 exact bound when every value is 0 (an image-blind model: [0, 1 − 0.025^(1/n)]).
 
@@ -32,14 +38,15 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from audit.adapters.base import GenerativeWhiteBox, ModelAdapter, Query
+from audit.adapters.base import Audio, GenerativeWhiteBox, ModelAdapter, Query
 from audit.catalog import CATALOG
 from audit.stats import mean_ci, seed_for
 from probes._intervals import percentile_interval, resamples
-from probes.base import Probe, Unit, metrics_frame, register, rows_frame
+from probes.base import Plan, Probe, Unit, finding, metrics_frame, register, rows_frame
 
 IMAGE_ABLATIONS = ("blank", "mean", "noise", "shuffled")
 TEXT_ABLATIONS = ("empty", "shuffled")
+AUDIO_ABLATIONS = ("silence", "noise", "shuffled")
 PERMUTATIONS = 10
 GREY = (128, 128, 128)
 
@@ -56,6 +63,50 @@ def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
+def fit_length(clip: Audio, like: Audio) -> Audio:
+    """`clip` at `like`'s sample rate and length (cut, or zero-padded at the end): a shuffled
+    clip occupies the same audio positions as the one it replaces (as shuffled images are resized)."""
+    w = clip.waveform
+    if clip.sample_rate != like.sample_rate:
+        from scipy.signal import resample_poly
+
+        g = int(np.gcd(clip.sample_rate, like.sample_rate))
+        w = resample_poly(w.astype(np.float64), like.sample_rate // g, clip.sample_rate // g)
+    n = like.waveform.size
+    out = np.zeros(n, dtype=np.float32)
+    out[:min(n, w.size)] = w[:n]
+    return Audio(out, like.sample_rate)
+
+
+def _reads(e, modalities) -> bool:
+    return (e.image is not None and "image" in modalities) or (e.audio is not None and "audio" in modalities)
+
+
+def readable_examples(data):
+    """Scoreable, non-canary examples with an image or an audio clip (the modality probes' selection)."""
+    return list(data.select(predicate=lambda e: (e.image is not None or e.audio is not None)
+                            and bool(e.choices or e.answer), exclude_tags=("canary",)))
+
+
+def plan_readable(probe: Probe, adapter: ModelAdapter, data, *, max_examples: int | None = None) -> Plan:
+    """Probe.plan over `probe.select(data)`, keeping the examples with an input the model reads
+    (an image model skips audio-only examples, with an info finding saying how many)."""
+    problems = probe.check(adapter)
+    if problems:
+        return Plan(probe.name, skipped=tuple(problems))
+    reads = adapter.capabilities.modalities
+    candidates = probe.select(data)
+    examples = [e for e in candidates if _reads(e, reads)]
+    notes = []
+    if len(examples) < len(candidates):
+        notes.append(finding(probe.name, "info", f"{len(candidates) - len(examples)} examples skipped: their only "
+                             f"non-text input is one this model does not read ({', '.join(reads)})"))
+    selected = len(examples)
+    if max_examples is not None:
+        examples = examples[:max_examples]
+    return Plan(probe.name, units=probe.chunk(adapter, data, examples), findings=tuple(notes), n_selected=selected)
+
+
 def _has_layer_curve(adapter: ModelAdapter) -> bool:
     caps = adapter.capabilities
     return isinstance(adapter, GenerativeWhiteBox) and caps.hooks and caps.fusion == "early"
@@ -70,6 +121,21 @@ class ModalityAblation(Probe):
         if permutations < 1:
             raise ValueError("permutations must be >= 1")
         self.permutations = permutations
+
+    def select(self, data):
+        return readable_examples(data)
+
+    def plan(self, adapter: ModelAdapter, data, *, max_examples: int | None = None) -> Plan:
+        return plan_readable(self, adapter, data, max_examples=max_examples)
+
+    def cost_of(self, adapter: ModelAdapter, examples) -> float:
+        reads = adapter.capabilities.modalities
+        n_image = sum(e.image is not None and "image" in reads for e in examples)
+        n_audio = sum(e.audio is not None and "audio" in reads for e in examples)
+        # image-only examples cost cost_per_example, as always
+        image_part = 3 + self.permutations + (adapter.n_layers + 2 if _has_layer_curve(adapter) else 0)
+        return float(len(examples) * (2 + self.permutations) + n_image * image_part
+                     + n_audio * (2 + self.permutations))
 
     def cost_per_example(self, adapter: ModelAdapter) -> float:
         # layer curve: the blank source pass, the intact reference pass and one pass per layer
@@ -88,10 +154,15 @@ class ModalityAblation(Probe):
         examples = list(unit.examples)
         n = len(examples)
         rng = np.random.default_rng(seed)
-        images = [data.image(e) for e in examples]
+        reads = adapter.capabilities.modalities
+        images = [data.image(e) if "image" in reads else None for e in examples]
+        clips = [data.audio(e) if "audio" in reads else None for e in examples]
         cands = [tuple(e.choices or (e.answer,)) for e in examples]
-        stack = np.stack([np.asarray(im.resize(images[0].size), dtype=np.float64) for im in images])
-        mean_img = Image.fromarray(stack.mean(0).round().astype(np.uint8))
+        seen = [im for im in images if im is not None]
+        mean_img = None
+        if seen:
+            stack = np.stack([np.asarray(im.resize(seen[0].size), dtype=np.float64) for im in seen])
+            mean_img = Image.fromarray(stack.mean(0).round().astype(np.uint8))
         perms = [derangement(n, rng) for _ in range(self.permutations)] if n > 1 else []
         keys: list[tuple[int, str, str, int | None]] = []  # (example, modality, variant, permutation)
         queries: list[Query] = []
@@ -99,29 +170,37 @@ class ModalityAblation(Probe):
         def add(i, modality, variant, q, k=None):
             keys.append((i, modality, variant, k))
             label = variant if modality == "none" else f"{modality}:{variant}" + (f":{k}" if k else "")
-            queries.append(Query(q.prompt, q.image, q.candidates, example_id=examples[i].id, variant=label))
+            queries.append(Query(q.prompt, q.image, q.candidates, example_id=examples[i].id, variant=label,
+                                 audio=q.audio))
 
-        for i, (e, im, c) in enumerate(zip(examples, images, cands)):
-            add(i, "none", "none", Query(e.prompt, im, c))
-            add(i, "image", "blank", Query(e.prompt, Image.new("RGB", im.size, GREY), c))
-            add(i, "image", "mean", Query(e.prompt, mean_img.resize(im.size), c))
-            noise = rng.normal(128, 64, size=(im.size[1], im.size[0], 3)).clip(0, 255).astype(np.uint8)
-            add(i, "image", "noise", Query(e.prompt, Image.fromarray(noise), c))
-            add(i, "text", "empty", Query("", im, c))
+        for i, (e, im, au, c) in enumerate(zip(examples, images, clips, cands)):
+            add(i, "none", "none", Query(e.prompt, im, c, audio=au))
+            if im is not None:
+                add(i, "image", "blank", Query(e.prompt, Image.new("RGB", im.size, GREY), c, audio=au))
+                add(i, "image", "mean", Query(e.prompt, mean_img.resize(im.size), c, audio=au))
+                noise = rng.normal(128, 64, size=(im.size[1], im.size[0], 3)).clip(0, 255).astype(np.uint8)
+                add(i, "image", "noise", Query(e.prompt, Image.fromarray(noise), c, audio=au))
+            add(i, "text", "empty", Query("", im, c, audio=au))
             for k, perm in enumerate(perms):
                 j = int(perm[i])
-                add(i, "image", "shuffled" if k == 0 else "permuted", Query(e.prompt, images[j].resize(im.size), c), k)
-                add(i, "text", "shuffled" if k == 0 else "permuted", Query(examples[j].prompt, im, c), k)
+                if im is not None:
+                    src = _next_with(images, perm, i)  # perm[i] itself when every example has an image
+                    if src is not None:
+                        add(i, "image", "shuffled" if k == 0 else "permuted",
+                            Query(e.prompt, images[src].resize(im.size), c, audio=au), k)
+                add(i, "text", "shuffled" if k == 0 else "permuted", Query(examples[j].prompt, im, c, audio=au), k)
+        self._add_audio(add, examples, images, clips, cands, seed)
         scores = adapter.score(queries, batch_size=self.batch_size)
         intact = {i: adapter.choice_distribution(s) for (i, m, _, _), s in zip(keys, scores) if m == "none"}
         reference = intact
-        if _has_layer_curve(adapter):
-            base = [q for (_, m, _, _), q in zip(keys, queries) if m == "none"]
+        with_image = [i for i, im in enumerate(images) if im is not None]
+        if _has_layer_curve(adapter) and with_image:
+            base = [q for (i, m, _, _), q in zip(keys, queries) if m == "none" and images[i] is not None]
             ref, curve = _layer_curve_scores(adapter, base, batch_size=self.batch_size)
-            reference = {i: adapter.choice_distribution(s) for i, s in enumerate(ref)}
+            reference = {with_image[r]: adapter.choice_distribution(s) for r, s in enumerate(ref)}
             for layer, layer_scores in enumerate(curve):
-                for i, s in enumerate(layer_scores):
-                    keys.append((i, "image", f"layer_blank:{layer}", None))
+                for r, s in enumerate(layer_scores):
+                    keys.append((with_image[r], "image", f"layer_blank:{layer}", None))
                     scores.append(s)
         name = self.name
         records = []
@@ -143,12 +222,30 @@ class ModalityAblation(Probe):
                                     variant="permuted" if k is not None else variant, draw=k))
         return rows_frame(records)
 
+    def _add_audio(self, add, examples, images, clips, cands, seed: int) -> None:
+        """Audio ablations of every example with a clip, from a random stream of their own."""
+        heard = [i for i, a in enumerate(clips) if a is not None]
+        if not heard:
+            return
+        rng = np.random.default_rng(seed_for(seed, self.name, "audio"))
+        perms = [derangement(len(heard), rng) for _ in range(self.permutations)] if len(heard) > 1 else []
+        for r, i in enumerate(heard):
+            e, im, au, c = examples[i], images[i], clips[i], cands[i]
+            add(i, "audio", "silence", Query(e.prompt, im, c, audio=Audio(np.zeros_like(au.waveform), au.sample_rate)))
+            rms = float(np.sqrt(np.mean(np.square(au.waveform, dtype=np.float64)))) or 0.1
+            noise = rng.normal(0.0, rms, size=au.waveform.size).clip(-1.0, 1.0)
+            add(i, "audio", "noise", Query(e.prompt, im, c, audio=Audio(noise, au.sample_rate)))
+            for k, perm in enumerate(perms):
+                other = clips[heard[int(perm[r])]]
+                add(i, "audio", "shuffled" if k == 0 else "permuted",
+                    Query(e.prompt, im, c, audio=fit_length(other, au)), k)
+
     def summarize(self, rows: pd.DataFrame, *, seed: int) -> pd.DataFrame:
         out: list[dict] = []
         name = self.name
         tv = rows[rows.metric == "tv"]
         ablations = tv[tv.variant != "layer_blank"]
-        for modality, metric in (("image", "image_reliance"), ("text", "text_reliance")):
+        for modality, metric in (("image", "image_reliance"), ("text", "text_reliance"), ("audio", "audio_reliance")):
             part = ablations[ablations.modality == modality]
             if part.empty:
                 continue
@@ -184,7 +281,7 @@ class ModalityAblation(Probe):
         intact = correct[correct.modality.isna()].set_index("example_id").value.sort_index()
         if intact.empty or intact.mean() == 0:
             return out
-        for modality in ("image", "text"):
+        for modality in ("image", "text", "audio"):
             perm = correct[(correct.modality == modality) & correct.draw.notna()]
             if perm.empty:
                 continue
@@ -204,6 +301,14 @@ class ModalityAblation(Probe):
                             value=float(score[0]), ci_low=lo, ci_high=hi, n=int(base.size),
                             modality=modality, scope="overall"))
         return out
+
+
+def _next_with(items, perm, i: int) -> int | None:
+    """The first index after i along the permutation's cycle whose item is present (None: none is)."""
+    j = int(perm[i])
+    while j != i and items[j] is None:
+        j = int(perm[j])
+    return None if j == i else j
 
 
 def _hidden(output):

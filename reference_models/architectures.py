@@ -33,7 +33,7 @@ from reference_models.tokenizer import build_tokenizer
 
 __all__ = ["ARCHS", "PRESETS", "TEXT_ENCODERS", "VISION_ENCODERS", "Preset", "build_reference_model"]
 
-ARCHS = ("llava", "mllama", "clip")
+ARCHS = ("llava", "mllama", "clip", "moe")  # moe: LLaVA with a Mixtral decoder (reference_models/moe.py)
 TEXT_ENCODERS = ("scratch", "minilm")
 VISION_ENCODERS = ("scratch", "dinov2")
 
@@ -203,6 +203,11 @@ def build_reference_model(*, arch: str, preset: str, words: list[str], text_enco
         return _build_llava(p, words)
     if arch == "mllama":
         return _build_mllama(p, words)
+    if arch == "moe":
+        from reference_models.moe import build_moe
+
+        return build_moe(p, words, tokenizer_builder=build_tokenizer, vision_config=_vision_config(p),
+                         image_processor=_clip_image_processor(p))
     if vision_encoder == "dinov2":  # always with the MiniLM text tower: the real pair is the point
         return _build_clip_dinov2(p, words)
     return _build_clip_minilm(p, words) if text_encoder == "minilm" else _build_clip(p, words)

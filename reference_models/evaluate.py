@@ -1,7 +1,9 @@
 """`eval.json` of a reference model: accuracy per question family on the test split, the
 same with blanked images (the text_shortcut check), the planted-bias indicators (flips
 counted as the audit's counterfactual_bias probe counts them), and for dual encoders
-retrieval R@1 over scene captions."""
+retrieval R@1 over scene captions, and for mixture-of-experts models (`--arch moe`) the
+routing: per decoder layer each modality's top-1 expert shares and the normalised mutual
+information of modality and top-1 expert (the `moe_routing` probe's index)."""
 from __future__ import annotations
 
 import itertools
@@ -70,7 +72,36 @@ def evaluate_reference(adapter: ModelAdapter, data: Dataset) -> dict:
     out.update(bias_indicators(adapter, data, test, plain, pred))
     if adapter.capabilities.kind == "dual_encoder":
         out["retrieval"] = _retrieval(adapter, data, plain)
+    routing = routing_indicators(adapter, data, plain)
+    if routing is not None:
+        out["routing"] = routing
     return out
+
+
+def routing_indicators(adapter: ModelAdapter, data: Dataset, examples: list[Example], *,
+                       limit: int = 64) -> dict | None:
+    """Top-1 expert shares by modality and the modality-specialisation index per layer on the
+    first `limit` examples; None for a model without routers."""
+    from probes.moe_routing import normalised_mutual_information, route, router_layers
+
+    layers = router_layers(adapter)
+    if not layers or not examples:
+        return None
+    chosen = examples[:limit]
+    got = route(adapter, [Query(e.prompt, data.image(e), ()) for e in chosen], layers, batch_size=32)
+    out = {}
+    for i in layers:
+        tokens = defaultdict(lambda: defaultdict(int))
+        for g in got:
+            for m, x in zip(g["modality"], g["top1"][i]):
+                tokens[m][int(x)] += 1
+        mods = sorted(tokens)
+        n_exp = 1 + max(x for m in mods for x in tokens[m])
+        table = np.array([[tokens[m][x] for x in range(n_exp)] for m in mods], dtype=float)
+        out[str(i)] = {"modality_specialisation": float(normalised_mutual_information(table)),
+                       "top1_share": {m: {str(x): c / sum(tokens[m].values()) for x, c in sorted(tokens[m].items())}
+                                      for m in mods}}
+    return {"n": len(chosen), "layers": out}
 
 
 def decisive_answers(scores: np.ndarray, choices) -> tuple[str, float]:

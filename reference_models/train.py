@@ -9,6 +9,10 @@ Variants:
                 model learns whatever the text alone predicts; blanking images changes
                 nothing, exactly.
   biased/fair   grounded training on data generated with --bias 0.9 / 0.5.
+  specialised/shared  `--arch moe` only (and the only variants it takes): a LLaVA with a
+                Mixtral decoder whose frozen routers send image and text tokens to disjoint
+                experts (specialised) or route independently of modality (shared); see
+                reference_models/moe.py. Otherwise grounded training.
 `--arch clip --vision-encoder dinov2` is LiT-style: real DINOv2-small and MiniLM towers, both
 frozen, only the projections learn (each image's tower output is computed once).
 Training is seeded, checkpoints (safetensors + a weights-only optimizer file) after every
@@ -50,7 +54,7 @@ from reference_models.synthetic import split_words, vocabulary
 __all__ = ["VARIANTS", "EXPECTED_BIAS", "RECIPE", "STEP_FACTOR", "train_reference", "plan_training", "lr_schedule",
            "freeze_vision_tower", "cut_image_pathway", "open_cross_attention"]
 
-VARIANTS = ("grounded", "text_shortcut", "biased", "fair")
+VARIANTS = ("grounded", "text_shortcut", "biased", "fair", "specialised", "shared")
 EXPECTED_BIAS = {"biased": 0.9, "fair": 0.5}
 CHECKPOINT = "checkpoint"
 # Per preset: `steps` is a floor on optimiser steps (epochs = ceil(steps / steps per epoch)
@@ -78,6 +82,14 @@ def _check_variant_data(variant: str, data: Dataset) -> None:
         raise InputError(
             f"variant {variant!r} expects data generated with --bias {EXPECTED_BIAS[variant]}, "
             f"this data has bias {bias}", where=str(card))
+
+
+def _check_arch_variant(arch: str, variant: str) -> None:
+    from reference_models.moe import MOE_VARIANTS
+
+    if (arch == "moe") != (variant in MOE_VARIANTS):
+        raise InputError(f"--arch moe trains the variants {' and '.join(MOE_VARIANTS)} only, and they exist for "
+                         f"--arch moe only (got --arch {arch} --variant {variant})", where="--variant")
 
 
 def cut_image_pathway(model, arch: str) -> None:
@@ -130,7 +142,7 @@ def _prepare_out(out: Path, args: dict, overwrite: bool) -> dict | None:
 
 def freeze_vision_tower(model, arch: str) -> None:
     """Keep a generative model's fresh vision tower as initialised (see the module doc)."""
-    if arch == "llava":
+    if arch in ("llava", "moe"):
         model.model.vision_tower.requires_grad_(False)
     elif arch == "mllama":
         model.model.vision_model.requires_grad_(False)
@@ -176,6 +188,7 @@ def train_reference(*, arch: str, preset: str, variant: str, data_dir, out_dir, 
     """
     if variant not in VARIANTS:
         raise InputError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}", where="--variant")
+    _check_arch_variant(arch, variant)
     data = Dataset.load(data_dir)
     _check_variant_data(variant, data)
     train = [e for e in data.select(split="train") if e.answer is not None]
@@ -199,6 +212,11 @@ def train_reference(*, arch: str, preset: str, variant: str, data_dir, out_dir, 
         open_cross_attention(model)
     if variant == "text_shortcut":
         cut_image_pathway(model, arch)
+    no_decay: set[str] = set()
+    if arch == "moe":
+        from reference_models.moe import construct_routing
+
+        no_decay = construct_routing(model, variant)
     freeze_vision_tower(model, arch)
     if text_encoder == "minilm":
         model.text_model.requires_grad_(False)  # the real text tower stays as pretrained
@@ -206,8 +224,12 @@ def train_reference(*, arch: str, preset: str, variant: str, data_dir, out_dir, 
         model.vision_model.requires_grad_(False)  # LiT: both real towers frozen, projections learn
     model.to(device)
     adapter = adapter_factory(model, processor, family=family_of(model.config.model_type), device=device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=hp["lr"], weight_decay=0.01)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    # Parameters that hold frozen non-zero slices (the MoE markers) must not decay.
+    groups = [{"params": [p for n, p in named if n not in no_decay], "weight_decay": 0.01},
+              {"params": [p for n, p in named if n in no_decay], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp["lr"])
     steps_per_epoch = hp["steps_per_epoch"]
     sched = lr_schedule(opt, total_steps=hp["epochs"] * steps_per_epoch, warmup=hp["warmup"])
     history: list[dict] = []

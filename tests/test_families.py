@@ -21,7 +21,7 @@ from audit.adapters import Query, load_adapter
 from audit.adapters.dual import DualEncoderAdapter, candidate_text
 from audit.adapters.families import families, family_of
 from audit.adapters.generative import GenerativeAdapter
-from audit.adapters.sites import resolve
+from audit.adapters.sites import resolve, resolve_router
 from audit.errors import InputError, UnsupportedError
 from family_models import DUAL, FAMILIES, GENERATIVE, MODEL_TYPE, NEEDS, build_family
 
@@ -200,6 +200,7 @@ def test_noop_hooks_fire_and_leave_logits_bit_identical(adapter, family):
     enc = a.encode([Query(PROMPT, _img(), COLOURS)])
     sites = [f"language.blocks.{i}.{part}" for i in range(a.n_layers) for part in ("resid", "attn")]
     sites += ["language.embed", "projector", "vision.blocks.0"]
+    sites += [f"language.blocks.{i}.router" for i in _router_blocks(a)]  # MoE families
     seen = []
     with torch.no_grad():
         plain = a.forward(enc).logits
@@ -207,6 +208,23 @@ def test_noop_hooks_fire_and_leave_logits_bit_identical(adapter, family):
             hooked = a.forward(enc).logits
     assert set(seen) == set(sites)
     assert torch.equal(plain, hooked)
+
+
+def _router_blocks(a) -> list[int]:
+    found = []
+    for i in range(a.n_layers):
+        try:
+            a.site_module(f"language.blocks.{i}.router")
+        except UnsupportedError:
+            continue
+        found.append(i)
+    return found
+
+
+def test_router_sites_exist_exactly_on_moe_families(adapter):
+    assert _router_blocks(adapter("qwen3_vl_moe")) == [0, 1]
+    for dense in ("llava", "qwen3_vl", "mllama"):
+        assert _router_blocks(adapter(dense)) == []
 
 
 @pytest.mark.parametrize("family", DUAL)
@@ -364,6 +382,29 @@ def test_site_map_resolves_on_the_real_size_architecture(model_type):
     assert isinstance(resolve(model, sites.embed), torch.nn.Embedding)
     resolve(model, sites.projector)
     assert getattr(cfg, sites.image_token_attr) is not None
+    # MoE decoders: a router at language.blocks.{i}.router in every sparse block, none in dense ones
+    n_experts = getattr(text, "num_experts", None) or getattr(text, "num_local_experts", None)
+    routers = []
+    for block in resolve(model, sites.language_layers):
+        try:
+            routers.append(resolve_router(block, sites))
+        except AttributeError:
+            continue
+    if n_experts and sites.router:
+        assert routers and all(tuple(r.weight.shape) == (n_experts, text.hidden_size) for r in routers)
+    else:
+        assert routers == []
+
+
+def test_a_llava_checkpoint_with_a_mixtral_decoder_resolves_its_routers():
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    cfg = LlavaConfig(text_config={"model_type": "mixtral", "num_hidden_layers": 2})
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(cfg)
+    sites = family_of("llava").sites
+    for block in resolve(model, sites.language_layers):
+        assert resolve_router(block, sites) is block.mlp.gate
 
 
 def test_a_llava_checkpoint_with_a_pixtral_tower_resolves_its_vision_blocks():
@@ -378,7 +419,8 @@ def test_a_llava_checkpoint_with_a_pixtral_tower_resolves_its_vision_blocks():
 
 def test_every_registered_generative_family_has_a_tiny_model():
     registered = {name for name, fam in families().items() if fam.kind == "generative"}
-    assert registered == {MODEL_TYPE.get(f, f) for f in GENERATIVE}
+    # audio-language families have their tiny models (and image-free checks) in tests/test_audio.py
+    assert registered == {MODEL_TYPE.get(f, f) for f in GENERATIVE} | {"qwen2_audio"}
 
 
 @pytest.mark.parametrize("model_type", sorted(n for n, f in families().items() if f.requires_class))

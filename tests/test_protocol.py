@@ -31,6 +31,19 @@ def untrained_clip(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def untrained_moe(tmp_path_factory):
+    """moe_routing applies to mixture-of-experts models only (a dense LLaVA is skipped)."""
+    from reference_models.architectures import build_reference_model
+    from reference_models.synthetic import vocabulary
+
+    path = tmp_path_factory.mktemp("models") / "moe-untrained"
+    model, proc = build_reference_model(arch="moe", preset="tiny", words=vocabulary(), seed=0)
+    model.eval().save_pretrained(path)
+    proc.save_pretrained(path)
+    return path
+
+
 def _run_probe(name, adapter, data, *, max_examples=6):
     probe = get_probe(name, batch_size=4, **SMALL.get(name, {}))
     plan = probe.plan(adapter, data, max_examples=max_examples)
@@ -47,8 +60,9 @@ def _kind(name):
 
 
 @pytest.mark.parametrize("name", sorted(CATALOG))
-def test_probe_uses_declared_members_and_declared_metrics(name, untrained_llava, untrained_clip, small_data):
-    model = untrained_clip if _kind(name) == "dual" else untrained_llava
+def test_probe_uses_declared_members_and_declared_metrics(name, untrained_llava, untrained_clip, untrained_moe,
+                                                         small_data):
+    model = untrained_clip if _kind(name) == "dual" else untrained_moe if name == "moe_routing" else untrained_llava
     adapter = load_adapter(model)
     used: set = set()
     proxy = declared_only(adapter, used=used)

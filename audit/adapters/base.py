@@ -24,13 +24,47 @@ from PIL import Image
 
 from audit.errors import UnsupportedError
 
-__all__ = ["Capabilities", "ModalitySpan", "ModelAdapter", "Query", "Encoded", "GenerativeWhiteBox",
+__all__ = ["Audio", "Capabilities", "ModalitySpan", "ModelAdapter", "Query", "Encoded", "GenerativeWhiteBox",
            "DualEncoderWhiteBox", "declared_members", "candidate_text"]
+
+
+@dataclass(frozen=True, eq=False)
+class Audio:
+    """A mono clip: a 1-D float32 waveform (read-only copy, nominally in [-1, 1]) and its
+    sample rate in Hz. Equal and hashed by content, so a Query holding it stays a value."""
+
+    waveform: np.ndarray
+    sample_rate: int
+
+    def __post_init__(self) -> None:
+        wave = np.array(self.waveform, dtype=np.float32, copy=True)
+        if wave.ndim != 1 or wave.size == 0:
+            raise ValueError(f"an audio waveform must be 1-D and non-empty, got shape {wave.shape}")
+        if not np.all(np.isfinite(wave)):
+            raise ValueError("an audio waveform must be finite")
+        if isinstance(self.sample_rate, bool) or not isinstance(self.sample_rate, (int, np.integer)) \
+                or self.sample_rate < 1:
+            raise ValueError(f"sample_rate must be a positive integer, got {self.sample_rate!r}")
+        wave.setflags(write=False)
+        object.__setattr__(self, "waveform", wave)
+        object.__setattr__(self, "sample_rate", int(self.sample_rate))
+
+    @property
+    def seconds(self) -> float:
+        return self.waveform.size / self.sample_rate
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, Audio) and self.sample_rate == other.sample_rate
+                and np.array_equal(self.waveform, other.waveform))
+
+    def __hash__(self) -> int:
+        return hash((self.sample_rate, self.waveform.size, self.waveform.tobytes()))
 
 
 @dataclass(frozen=True)
 class Query:
-    """One scoring request: a prompt, an optional image and the candidate answers to score.
+    """One scoring request: a prompt, an optional image, the candidate answers to score and
+    an optional audio clip (last, so positional callers are unchanged).
 
     `example_id` and `variant` say which example and which ablation / counterfactual /
     perturbation the query is; adapters ignore them, `--log-samples` records them.
@@ -41,13 +75,14 @@ class Query:
     candidates: tuple[str, ...]
     example_id: str | None = field(default=None, compare=False)
     variant: str | None = field(default=None, compare=False)
+    audio: Audio | None = None
 
 
 @dataclass(frozen=True)
 class ModalitySpan:
     """Where one modality sits in a token sequence: positions [start, end)."""
 
-    modality: str  # "image" | "text"
+    modality: str  # "image" | "text" | "audio"
     start: int
     end: int
     image_index: int | None = None
@@ -69,6 +104,7 @@ class Capabilities:
     attention_patterns: bool = False
     gradients: bool = False
     logprobs: bool = True  # scores are log-probabilities (False: generate mode's parsed-answer indicators)
+    modalities: tuple[str, ...] = ("image", "text")  # what `Query` fields the model reads ("audio": Query.audio)
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -164,6 +200,7 @@ class GenerativeWhiteBox(_WhiteBox):
     """A generative model with access to its tensors."""
 
     image_token_id: int
+    audio_token_id: int | None = None  # the placeholder audio features replace (None: the model hears nothing)
 
     @property
     @abstractmethod
@@ -190,6 +227,24 @@ class GenerativeWhiteBox(_WhiteBox):
     @abstractmethod
     def image_spans(self, input_ids) -> list[list[ModalitySpan]]:
         """Contiguous runs of image tokens in each row."""
+
+    def audio_spans(self, input_ids) -> list[list[ModalitySpan]]:
+        """Contiguous runs of audio tokens in each row (`modality="audio"`, `image_index` is
+        the clip's index in the row); none for a model without an audio placeholder."""
+        rows = input_ids.tolist()
+        if self.audio_token_id is None:
+            return [[] for _ in rows]
+        spans = []
+        for row in rows:
+            found, start = [], None
+            for pos, tok in enumerate([*row, None]):
+                if tok == self.audio_token_id and start is None:
+                    start = pos
+                elif tok != self.audio_token_id and start is not None:
+                    found.append(ModalitySpan("audio", start, pos, image_index=len(found)))
+                    start = None
+            spans.append(found)
+        return spans
 
     @abstractmethod
     def question_mask(self, enc: Encoded):

@@ -65,7 +65,9 @@ _DEEPSTACK = ("DeepStack adds vision-block features to the image positions after
 # is not enough, and what a user should know.
 _GENERATIVE = {
     "llava": dict(requires_class="LlavaConfig", adapter=_PIXTRAL,
-                  notes="Pixtral-12B is a llava checkpoint with a Pixtral tower (its processor needs torchvision)."),
+                  notes="Pixtral-12B is a llava checkpoint with a Pixtral tower (its processor needs torchvision). "
+                        "A llava whose language model is a mixture of experts (Mixtral, Qwen2/3-MoE, OLMoE: the "
+                        "`moe` reference model) has routers at language.blocks.{i}.router."),
     "llava_next": dict(requires_class="LlavaNextConfig"),
     "vipllava": dict(requires_class="VipLlavaConfig"),
     "llava_onevision": dict(requires_class="LlavaOnevisionConfig"),
@@ -76,7 +78,8 @@ _GENERATIVE = {
     "qwen2_5_vl": dict(requires_class="Qwen2_5_VLConfig"),
     "qwen3_vl": dict(requires_class="Qwen3VLConfig", notes=_DEEPSTACK),
     "qwen3_vl_moe": dict(requires_class="Qwen3VLMoeConfig",
-                         notes=_DEEPSTACK + " Decoder MLPs are mixtures of experts."),
+                         notes=_DEEPSTACK + " Decoder MLPs are mixtures of experts; their routers are the "
+                                            "hook sites language.blocks.{i}.router (probe moe_routing)."),
     "internvl": dict(requires_class="InternVLConfig"),
     "mistral3": dict(requires_class="Mistral3Config", adapter=_PIXTRAL,
                      notes="Its PixtralProcessor needs torchvision."),
@@ -84,10 +87,16 @@ _GENERATIVE = {
     "smolvlm": dict(requires_class="SmolVLMConfig", adapter="audit.adapters.smolvlm:SmolVLMAdapter",
                     notes="Its processor needs num2words."),
     "llama4": dict(requires_class="Llama4Config", adapter="audit.adapters.tiled:Llama4Adapter",
-                   notes="Its image processor needs torchvision. Decoder MLPs are mixtures of experts. "
-                         "transformers 5.24's Llama4ForConditionalGeneration.forward raises AttributeError "
-                         "('image_outputs'); 5.17 runs."),
+                   notes="Its image processor needs torchvision. Decoder MLPs are mixtures of experts (routers at "
+                         "language.blocks.{i}.router in the MoE blocks). transformers 5.24's "
+                         "Llama4ForConditionalGeneration.forward raises AttributeError ('image_outputs'), so no "
+                         "probe runs on it there (moe_routing included); 5.17 runs."),
     "mllama": dict(requires_class="MllamaConfig"),
+    "qwen2_audio": dict(requires_class="Qwen2AudioConfig", auto_class="AutoModelForMultimodalLM",
+                        adapter="audit.adapters.audio:Qwen2AudioAdapter",
+                        notes="Audio and text only (no images); clips longer than the feature extractor's window "
+                              "(30 s) are refused, other sample rates are resampled to its rate. Encoder blocks are "
+                              "hook sites audio.blocks.{i}."),
 }
 for _name, _sites in GENERATIVE_FAMILIES.items():
     register_family(Family(_name, "generative", _sites, **_GENERATIVE.get(_name, {})))

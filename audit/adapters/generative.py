@@ -18,6 +18,7 @@ an attention plan are active (tests/test_caching.py, tests/test_prefix_reuse.py)
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -25,7 +26,7 @@ import torch
 
 from audit.adapters.base import Capabilities, Encoded, GenerativeWhiteBox, ModalitySpan, Query
 from audit.adapters.caching import LRU, CachedImages, CachedTokenizer, image_key
-from audit.adapters.sites import FamilySites, resolve
+from audit.adapters.sites import FamilySites, resolve, resolve_router
 from audit.errors import InputError, UnsupportedError
 
 __all__ = ["GenerativeAdapter", "Encoded", "FALLBACK_TEMPLATE", "continuation_logprobs", "image_key", "LRU",
@@ -37,6 +38,8 @@ NAN_MESSAGE = "the model returned NaN or infinite log-probabilities"
 MISMATCH_MESSAGE = "the prompt's image tokens do not match the image features the model computed"
 # Processor outputs that are never per-token, even when their shape happens to look like it.
 _IMAGE_KEYS = ("pixel_", "image_", "video_", "aspect_ratio", "batch_num_images")
+# Audio processor outputs (Whisper-style features [B, mels, frames] and their frame mask).
+_AUDIO_KEYS = ("input_features", "feature_attention_mask", "num_audio_tokens")
 # Decoder-only families whose image enters as ordinary prefix tokens with causal attention and
 # 1-D positions, so a KV cache of the image prefix is exact (not Qwen's M-RoPE, PaliGemma's
 # bidirectional prefix, Gemma 3's image attention or Mllama's cross-attention).
@@ -56,6 +59,18 @@ def _hooked(model: torch.nn.Module) -> bool:
     if foreign(torch_module._global_forward_hooks) or foreign(torch_module._global_forward_pre_hooks):
         return True
     return any(foreign(m._forward_hooks) or foreign(m._forward_pre_hooks) for m in model.modules())
+
+
+def _audio_token_id(cfg) -> int | None:
+    """The placeholder token audio features replace, when the model has an audio tower (some
+    image-text configs carry an unused audio_token_id default)."""
+    if getattr(cfg, "audio_config", None) is None:
+        return None
+    for name in ("audio_token_id", "audio_token_index"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int):
+            return value
+    return None
 
 
 def _same_steps(a, b, tol: float = 1e-4) -> bool:
@@ -90,6 +105,7 @@ class GenerativeAdapter(GenerativeWhiteBox):
         if self.image_token_id is None:
             raise UnsupportedError(f"config has no {sites.image_token_attr}", where=architecture)
         self.image_token = self.tokenizer.convert_ids_to_tokens(int(self.image_token_id))
+        self.audio_token_id = _audio_token_id(cfg)
         self.capabilities = Capabilities(
             kind="generative", white_box=True, fusion=sites.fusion, hooks=True,
             attention_patterns=True, gradients=True,
@@ -115,6 +131,11 @@ class GenerativeAdapter(GenerativeWhiteBox):
     @contextlib.contextmanager
     def _call_scope(self, queries: Sequence[Query]) -> Iterator[None]:
         """Hash each distinct image object of a call once (the queries keep them alive)."""
+        reads = self.capabilities.modalities
+        for q in queries:  # a clip or image the model cannot read must not be dropped silently
+            for what, value in (("image", q.image), ("audio", q.audio)):
+                if value is not None and what not in reads:
+                    raise UnsupportedError(f"{self.architecture} does not read {what} input", where=self.architecture)
         outer = self._image_keys
         self._image_keys = dict(outer)
         for q in queries:
@@ -145,20 +166,22 @@ class GenerativeAdapter(GenerativeWhiteBox):
 
     # ------------------------------------------------------------------ prompts
     def render_prompt(self, query: Query) -> str:
-        return self._rendered(query.prompt, query.image is not None)
+        return self._rendered(query.prompt, query.image is not None, query.audio is not None)
 
-    def _rendered(self, prompt: str, has_image: bool) -> str:
-        key = (prompt, has_image)
+    def _rendered(self, prompt: str, has_image: bool, has_audio: bool = False) -> str:
+        key = (prompt, has_image, has_audio)
         text = self._texts.get(key)
         if text is None:  # a Jinja render per query was a tenth of an audit's time
-            text = self.prompt_text(prompt, has_image=has_image)
+            # has_audio only when set: family overrides of prompt_text predate it
+            text = self.prompt_text(prompt, has_image=has_image, **({"has_audio": True} if has_audio else {}))
             self._texts.put(key, text)
         return text
 
-    def prompt_text(self, prompt: str, *, has_image: bool) -> str:
+    def prompt_text(self, prompt: str, *, has_image: bool, has_audio: bool = False) -> str:
         template = getattr(self.processor, "chat_template", None)
         if template:
-            content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": prompt}]
+            content = ([{"type": "image"}] if has_image else []) + ([{"type": "audio"}] if has_audio else []) \
+                + [{"type": "text", "text": prompt}]
             try:  # transformers renders templates in a Jinja sandbox; a broken one is the model folder's fault
                 return self.processor.apply_chat_template(
                     [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
@@ -167,7 +190,17 @@ class GenerativeAdapter(GenerativeWhiteBox):
                 msg = " ".join(str(exc).split())[:200]
                 raise InputError(f"the model's chat template failed ({type(exc).__name__}: {msg})",
                                  where=f"{self.architecture} chat_template") from exc
-        return FALLBACK_TEMPLATE.format(image=f"{self.image_placeholder}\n" if has_image else "", prompt=prompt)
+        media = f"{self.image_placeholder}\n" if has_image else ""
+        media += f"{self.audio_placeholder}\n" if has_audio else ""
+        return FALLBACK_TEMPLATE.format(image=media, prompt=prompt)
+
+    @property
+    def audio_placeholder(self) -> str:
+        """What the prompt text holds for one clip before the processor expands it (Qwen2-Audio
+        wraps its audio token in audio_bos / audio_eos)."""
+        p = self.processor
+        token = getattr(p, "audio_token", None) or self.tokenizer.convert_ids_to_tokens(int(self.audio_token_id))
+        return f"{getattr(p, 'audio_bos_token', None) or ''}{token}{getattr(p, 'audio_eos_token', None) or ''}"
 
     @property
     def image_placeholder(self) -> str:
@@ -210,8 +243,9 @@ class GenerativeAdapter(GenerativeWhiteBox):
             self.tokenizer.padding_side = old
 
     def _process(self, prompts: Sequence[str], images: Sequence, *, side: str = "right",
-                 texts: Sequence[str] | None = None) -> dict:
-        texts = texts or [self._rendered(p, im is not None) for p, im in zip(prompts, images)]
+                 texts: Sequence[str] | None = None, audios: Sequence | None = None) -> dict:
+        audios = list(audios) if audios is not None else [None] * len(images)
+        texts = texts or [self._rendered(p, im is not None, a is not None) for p, im, a in zip(prompts, images, audios)]
         present = [im for im in images if im is not None]
         if present and len(present) != len(images):
             raise InputError("a batch mixes queries with and without images")
@@ -219,6 +253,11 @@ class GenerativeAdapter(GenerativeWhiteBox):
         if present:
             # One list per prompt: flat lists are read as one prompt's images by some processors (Gemma 3)
             kwargs["images"] = [[im] for im in present]
+        clips = [a for a in audios if a is not None]
+        if clips:
+            if len(clips) != len(audios):
+                raise InputError("a batch mixes queries with and without audio")
+            kwargs.update(self._audio_kwargs(clips))
         # Templates that write BOS themselves (Llama 3, Gemma 3) must not get a second one.
         bos = self.tokenizer.bos_token
         kwargs["add_special_tokens"] = not (bos and all(t.startswith(bos) for t in texts))
@@ -235,6 +274,28 @@ class GenerativeAdapter(GenerativeWhiteBox):
             with self._padding(side):
                 out = self.processor(text=texts, return_tensors="pt", padding=True, padding_side=side, **kwargs)
         return dict(out)
+
+    def _audio_kwargs(self, clips: Sequence) -> dict:
+        """The processor's audio arguments: every clip resampled to its feature extractor's
+        rate (polyphase, scipy) and refused when longer than the model's window."""
+        from scipy.signal import resample_poly
+
+        fe = getattr(self.processor, "feature_extractor", None)
+        rate = getattr(fe, "sampling_rate", None)
+        if rate is None:
+            raise UnsupportedError("the processor has no audio feature extractor", where=self.architecture)
+        window = getattr(fe, "n_samples", None)
+        waves = []
+        for clip in clips:
+            w = clip.waveform
+            if clip.sample_rate != rate:
+                g = math.gcd(int(rate), clip.sample_rate)
+                w = resample_poly(w.astype(np.float64), int(rate) // g, clip.sample_rate // g).astype(np.float32)
+            if window is not None and len(w) > window:
+                raise InputError(f"the clip is {clip.seconds:.2f} s, longer than the model's audio window of "
+                                 f"{window / rate:g} s", where=self.architecture)
+            waves.append(np.ascontiguousarray(w))
+        return {"audio": waves, "sampling_rate": int(rate)}
 
     @contextlib.contextmanager
     def _cached_processing(self, images: bool) -> Iterator[bool]:
@@ -256,7 +317,8 @@ class GenerativeAdapter(GenerativeWhiteBox):
         """Context of each query, optionally followed by a continuation (one per query)."""
         texts = [self.render_prompt(q) for q in queries]
         with self._call_scope(queries):
-            raw = self._process([q.prompt for q in queries], [q.image for q in queries], texts=texts)
+            raw = self._process([q.prompt for q in queries], [q.image for q in queries], texts=texts,
+                                audios=[q.audio for q in queries])
         ids, mask = raw["input_ids"], raw["attention_mask"]
         lengths = [int(n) for n in mask.sum(1)]
         limit = self.context_length
@@ -269,8 +331,8 @@ class GenerativeAdapter(GenerativeWhiteBox):
         total = max(n + len(c) for n, c in zip(lengths, conts))
         pad = self.tokenizer.pad_token_id or 0
         seq_keys = [k for k, v in raw.items() if torch.is_tensor(v) and v.dim() >= 2 and v.shape[:2] == ids.shape
-                    and not k.startswith(_IMAGE_KEYS)]
-        inputs = {k: v for k, v in raw.items() if k not in seq_keys}
+                    and not k.startswith(_IMAGE_KEYS + _AUDIO_KEYS)]
+        inputs = {k: v for k, v in raw.items() if k not in seq_keys and k != "num_audio_tokens"}
         for key in seq_keys:
             v = raw[key]
             rows = []
@@ -322,13 +384,16 @@ class GenerativeAdapter(GenerativeWhiteBox):
 
                 for i, scores in score_shared_prefixes(self, queries, batch_size=batch_size).items():
                     results[i] = scores
-            # Batches never mix image and text-only queries (processors require that).
+            # Batches never mix image and text-only queries (processors require that), nor
+            # queries with and without audio (the audio groups are empty for image models).
             for has_image in (True, False):
-                idx = [i for i, q in enumerate(queries) if results[i] is None and (q.image is not None) == has_image]
-                for s in range(0, len(idx), batch_size):
-                    chunk = idx[s:s + batch_size]
-                    for i, scores in zip(chunk, self._score_batch([queries[i] for i in chunk])):
-                        results[i] = scores
+                for has_audio in (False, True):
+                    idx = [i for i, q in enumerate(queries) if results[i] is None
+                           and (q.image is not None) == has_image and (q.audio is not None) == has_audio]
+                    for s in range(0, len(idx), batch_size):
+                        chunk = idx[s:s + batch_size]
+                        for i, scores in zip(chunk, self._score_batch([queries[i] for i in chunk])):
+                            results[i] = scores
         return results  # type: ignore[return-value]
 
     def _reuse_prefixes(self) -> bool:
@@ -392,8 +457,9 @@ class GenerativeAdapter(GenerativeWhiteBox):
     def _generate_plain(self, queries: Sequence[Query], max_new_tokens: int):
         """(per row the generated (token id, scores) steps up to and including a stop token,
         prompt lengths) from transformers' `generate` on a left-padded batch."""
-        raw = self._process([q.prompt for q in queries], [q.image for q in queries], side="left")
-        raw = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in raw.items()}
+        raw = self._process([q.prompt for q in queries], [q.image for q in queries], side="left",
+                            audios=[q.audio for q in queries])
+        raw = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in raw.items() if k != "num_audio_tokens"}
         with self._mismatch_as_input_error():
             out = self.model.generate(
                 **raw, max_new_tokens=max_new_tokens, do_sample=False, output_scores=True,
@@ -432,7 +498,8 @@ class GenerativeAdapter(GenerativeWhiteBox):
 
     def _decode(self, ids: list[int]) -> str:
         if self._word_level:  # decode() would glue the words of a word-level vocabulary together
-            return " ".join(self.tokenizer.decode([i]).strip() for i in ids)
+            special = set(self.tokenizer.all_special_ids)  # skipped, as on the other path (and in vLLM)
+            return " ".join(w for w in (self.tokenizer.decode([i]).strip() for i in ids if i not in special) if w)
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     @property
@@ -477,6 +544,8 @@ class GenerativeAdapter(GenerativeWhiteBox):
             n_image = int((ids[r, :n] == self.image_token_id).sum())
             n_placeholder = sum(1 for t in head if t == self.image_token_id)
             lo = len(head) - n_placeholder + n_image
+            if self.audio_token_id is not None:  # an audio placeholder expands like an image's
+                lo += int((ids[r, :n] == self.audio_token_id).sum()) - sum(1 for t in head if t == self.audio_token_id)
             hi = n - len(tail)
             if lo < hi:
                 mask[r, lo:hi] = True
@@ -484,6 +553,8 @@ class GenerativeAdapter(GenerativeWhiteBox):
         # special added tokens the rendered text never held: never part of the question.
         special = [i for i, t in getattr(self.tokenizer, "added_tokens_decoder", {}).items() if t.special]
         special.append(self.image_token_id)
+        if self.audio_token_id is not None:
+            special.append(self.audio_token_id)
         return mask & ~torch.isin(ids, torch.tensor(special, device=ids.device))
 
     def pixel_normalisation(self) -> tuple[list[float], list[float]] | None:
@@ -512,6 +583,8 @@ class GenerativeAdapter(GenerativeWhiteBox):
                     return block
                 if parts[3] == "attn":
                     return block.self_attn if hasattr(block, "self_attn") else block.cross_attn
+                if parts[3] == "router":
+                    return resolve_router(block, self.sites)
             if parts[:2] == ["vision", "blocks"]:
                 return resolve(self.model, self.sites.vision_layers)[int(parts[2])]
         except (AttributeError, IndexError, ValueError) as exc:

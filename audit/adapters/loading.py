@@ -193,8 +193,10 @@ def load_processor(path: Path, *, model_type: str, trust_remote_code: bool = Fal
                                        f"first error: {exc}", where=str(path)) from exc
         what = "needs a package that is not installed" if isinstance(exc, ImportError) else "is unusable"
         raise InputError(f"the model folder's processor {what} ({exc})", where=str(path)) from exc
-    if not hasattr(processor, "image_processor"):  # AutoProcessor may settle for a bare tokenizer
-        raise InputError(f"the model folder has no image processor (got {type(processor).__name__})", where=str(path))
+    # AutoProcessor may settle for a bare tokenizer; an audio model brings a feature extractor instead
+    if not (hasattr(processor, "image_processor") or hasattr(processor, "feature_extractor")):
+        raise InputError(f"the model folder has no image processor or audio feature extractor "
+                         f"(got {type(processor).__name__})", where=str(path))
     return processor
 
 
