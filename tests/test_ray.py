@@ -210,11 +210,24 @@ def test_ctrl_c_in_a_driver_that_started_its_own_ray(straight, untrained_llava, 
     out = tmp_path / "run"
     code = f"""
 import sys
+import time
+
+import ray
+
 from audit.adapters import load_adapter
 from audit.dataset import Dataset
 from audit.executors.ray_executor import RayExecutor
 from audit.runner import RunSpec, run_audit
 model, data, out = sys.argv[1:4]
+_wait = ray.wait
+
+
+def slow_wait(*args, **kwargs):  # the driver lingers between units, so the signal finds units left to run
+    time.sleep(0.5)
+    return _wait(*args, **kwargs)
+
+
+ray.wait = slow_wait
 spec = RunSpec(model=model, data=data, probes={CHEAP!r}, out=out, seed=3, store=out + ".duckdb", max_examples=40)
 executor = RayExecutor(model=model, load_options={{}}, workers=1, address=None, gpus_per_worker=0.0,
                        cpus_per_worker=1.0, max_retries=0)
