@@ -24,6 +24,10 @@ from audit.progress import format_seconds
 __all__ = ["estimate", "Estimate", "sample_queries", "seconds_per_pass"]
 
 TIMED_CALLS = 2
+# The timed calls may cost at most this share of the audit's declared passes: on a large
+# model with few examples, full timing batches were half the work (bench/run.py,
+# suite_standard_small). Small audits then time smaller batches (a pessimistic per-pass time).
+ESTIMATE_SHARE = 0.05
 
 
 class Estimate:
@@ -85,13 +89,15 @@ def estimate(adapter: ModelAdapter, tasks: Sequence, *, batch_size: int) -> Esti
         return Estimate(0.0, 0.0, "nothing left to do")
     if not adapter.capabilities.white_box:
         return Estimate(passes, None, f"about {passes:,.0f} requests to {adapter.architecture}")
-    queries = sample_queries(tasks, batch_size)
+    shared = min(passes, float(sum(getattr(t.unit, "shared", 0.0) for t in tasks)))
+    timings = (1 + TIMED_CALLS) * (2 if shared else 1)  # warm-up and timed calls, plain and shared
+    timed_batch = int(min(batch_size, max(1, ESTIMATE_SHARE * passes // timings)))
+    queries = sample_queries(tasks, timed_batch)
     if not queries or passes == 0:
         return Estimate(passes, None, f"~{passes:,.0f} forward passes")
-    per_pass = seconds_per_pass(adapter, queries, batch_size=batch_size)
-    shared = min(passes, float(sum(getattr(t.unit, "shared", 0.0) for t in tasks)))
-    per_shared = seconds_per_pass(adapter, queries, batch_size=batch_size, shared=True) if shared else per_pass
+    per_pass = seconds_per_pass(adapter, queries, batch_size=timed_batch)
+    per_shared = seconds_per_pass(adapter, queries, batch_size=timed_batch, shared=True) if shared else per_pass
     seconds = (passes - shared) * per_pass + shared * per_shared
     note = f" ({shared:,.0f} on an image already read, {per_shared * 1000:.1f} ms each)" if shared else ""
     return Estimate(passes, seconds, f"~{passes:,.0f} forward passes{note}, about {format_seconds(seconds)} "
-                                     f"at {per_pass * 1000:.1f} ms per pass (batch {batch_size})")
+                                     f"at {per_pass * 1000:.1f} ms per pass (timed on batches of {timed_batch})")

@@ -439,6 +439,8 @@ def item_dp(work: Path, *, repeat: int, warmup: int, batch: int) -> dict:
 
 # ------------------------------------------------------------------ report
 def _get(d: dict, path: str):
+    if path in d:  # a figure whose own name holds a dot (forward_passes_to_0.02)
+        return d[path]
     for part in path.split("."):
         if not isinstance(d, dict) or part not in d:
             return None
