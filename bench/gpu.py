@@ -98,21 +98,9 @@ def item_hooks_7b(adapter, path: Path, *, repeat: int) -> dict:
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
     out["parameters"] = params
     out["plain_forward_mfu"] = 2 * params * 8 * out["tokens"] / t_plain / peak if peak else None
-    try:
-        from transformer_lens.model_bridge import TransformerBridge
-
-        bridge = TransformerBridge.boot_transformers(str(path), hf_model=adapter.model, tokenizer=adapter.tokenizer,
-                                                     device=adapter.device)
-        names = [f"blocks.{i}.hook_resid_post" for i in range(adapter.n_layers)]
-
-        def tl():
-            with torch.no_grad():
-                bridge.run_with_cache(enc.inputs["input_ids"], pixel_values=enc.inputs["pixel_values"],
-                                      attention_mask=enc.inputs["attention_mask"], names_filter=names)
-
-        t_tl = timeit(tl, repeat=repeat, sync=sync)
-        out.update(transformer_lens_ms=1e3 * t_tl, transformer_lens_vs_plain=t_tl / t_plain,
-                   transformer_lens_vs_hooked=t_tl / t_hooked)
+    try:  # the same weights, last: the bridge rewires the model it wraps
+        out.update(bench.transformer_lens_timing(path, adapter.model, adapter, enc, repeat=repeat, sync=sync,
+                                                 t_plain=t_plain, t_hooked=t_hooked))
     except Exception as exc:  # noqa: BLE001 - optional peer; say why it is missing
         out["transformer_lens_error"] = f"{type(exc).__name__}: {exc}"[:300]
     return out

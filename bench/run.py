@@ -74,26 +74,35 @@ def item_hooks(adapter, model_path: Path, *, batch: int, repeat: int) -> dict:
     t_plain, t_hooked = timeit(plain, repeat=repeat, sync=sync), timeit(hooked, repeat=repeat, sync=sync)
     result.update(plain_ms=1e3 * t_plain, hooked_ms=1e3 * t_hooked, hooked_vs_plain=t_hooked / t_plain)
     try:
-        from transformer_lens.model_bridge import TransformerBridge
         from transformers import AutoModelForImageTextToText
 
         # the bridge rewires the model it wraps: give it its own copy, timed on the same inputs
         hf = AutoModelForImageTextToText.from_pretrained(model_path, dtype=adapter.model.dtype).eval()
-        bridge = TransformerBridge.boot_transformers(str(model_path), hf_model=hf.to(adapter.device),
-                                                     tokenizer=adapter.tokenizer, device=adapter.device)
-        names = [f"blocks.{i}.hook_resid_post" for i in range(adapter.n_layers)]
-
-        def tl():
-            with torch.no_grad():
-                bridge.run_with_cache(enc.inputs["input_ids"], pixel_values=enc.inputs["pixel_values"],
-                                      attention_mask=enc.inputs["attention_mask"], names_filter=names)
-
-        t_tl = timeit(tl, repeat=repeat, sync=sync)
-        result.update(transformer_lens_ms=1e3 * t_tl, transformer_lens_vs_plain=t_tl / t_plain,
-                      transformer_lens_vs_hooked=t_tl / t_hooked)
+        result.update(transformer_lens_timing(model_path, hf.to(adapter.device), adapter, enc, repeat=repeat,
+                                              sync=sync, t_plain=t_plain, t_hooked=t_hooked))
     except Exception as exc:  # noqa: BLE001 - the bridge is optional; say why it is missing
         result["transformer_lens_error"] = f"{type(exc).__name__}: {exc}"[:300]
     return result
+
+
+def transformer_lens_timing(model_path, hf_model, adapter, enc, *, repeat: int, sync, t_plain: float,
+                            t_hooked: float) -> dict:
+    """TransformerLens `run_with_cache` of every layer's residual stream on `enc`, timed next to
+    the plain and hooked forwards (the bridge rewires `hf_model`: pass a copy, or time it last)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers(str(model_path), hf_model=hf_model, tokenizer=adapter.tokenizer,
+                                                 device=adapter.device)
+    names = [f"blocks.{i}.hook_resid_post" for i in range(adapter.n_layers)]
+
+    def tl():
+        with torch.no_grad():
+            bridge.run_with_cache(enc.inputs["input_ids"], pixel_values=enc.inputs["pixel_values"],
+                                  attention_mask=enc.inputs["attention_mask"], names_filter=names)
+
+    t_tl = timeit(tl, repeat=repeat, sync=sync)
+    return dict(transformer_lens_ms=1e3 * t_tl, transformer_lens_vs_plain=t_tl / t_plain,
+                transformer_lens_vs_hooked=t_tl / t_hooked)
 
 
 def _forwards(adapter, enc):

@@ -453,9 +453,10 @@ def test_site_map_resolves_on_the_real_size_qwen2_audio():
     assert getattr(cfg, QWEN2_AUDIO_SITES.image_token_attr) == cfg.audio_token_id
 
 
-@pytest.mark.skipif(family_of("qwen2_audio") is None, reason="qwen2_audio is not registered in families.py yet")
-def test_the_registered_family_is_the_one_declared_here():
-    assert family_of("qwen2_audio") == QWEN2_AUDIO_FAMILY
+def test_the_registered_family_builds_the_audio_adapter():
+    fam = family_of("qwen2_audio")
+    assert fam is QWEN2_AUDIO_FAMILY and fam.adapter == "audit.adapters.audio:Qwen2AudioAdapter"
+    assert fam.sites.vision_layers == "model.audio_tower.layers" and fam.sites.image_token_attr == "audio_token_index"
 
 
 # ---------------------------------------------------------------------------- the dashboard

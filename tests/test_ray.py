@@ -209,8 +209,11 @@ def test_ctrl_c_in_a_driver_that_started_its_own_ray(straight, untrained_llava, 
     the run resumes under the local executor with the same numbers as a straight run."""
     out = tmp_path / "run"
     code = f"""
+import os
+import signal
 import sys
 import time
+from pathlib import Path
 
 import ray
 
@@ -222,12 +225,16 @@ model, data, out = sys.argv[1:4]
 _wait = ray.wait
 
 
-def slow_wait(*args, **kwargs):  # the driver lingers between units, so the signal finds units left to run
-    time.sleep(0.5)
+def interrupted_wait(*args, **kwargs):
+    # Ctrl-C as soon as the first unit is written, while units are still left: a real SIGINT
+    # to this driver from inside its wait on Ray, whatever the machine's load
+    if any((Path(out) / "units").rglob("*.parquet")):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(30)  # the KeyboardInterrupt is raised here
     return _wait(*args, **kwargs)
 
 
-ray.wait = slow_wait
+ray.wait = interrupted_wait
 spec = RunSpec(model=model, data=data, probes={CHEAP!r}, out=out, seed=3, store=out + ".duckdb", max_examples=40)
 executor = RayExecutor(model=model, load_options={{}}, workers=1, address=None, gpus_per_worker=0.0,
                        cpus_per_worker=1.0, max_retries=0)
@@ -236,9 +243,6 @@ run_audit(spec, adapter=load_adapter(model), data=Dataset.load(data).audit_split
 """
     proc = subprocess.Popen([sys.executable, "-c", code, str(untrained_llava), str(small_data), str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while proc.poll() is None and not any((out / "units").rglob("*.parquet")):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode != 0 and "KeyboardInterrupt" in err, err[-2000:]
     assert not (out / "summary.json").exists()

@@ -24,32 +24,19 @@ from dataclasses import replace
 
 import torch
 
-from audit.adapters.families import Family
+from audit.adapters.families import Family, family_of
 from audit.adapters.generative import GenerativeAdapter
-from audit.adapters.sites import FamilySites, resolve
+from audit.adapters.sites import GENERATIVE_FAMILIES, resolve
 from audit.errors import UnsupportedError
 
-__all__ = ["QWEN2_AUDIO_SITES", "QWEN2_AUDIO_OPTIONS", "QWEN2_AUDIO_FAMILY", "Qwen2AudioAdapter",
-           "AUDIO_LAYERS"]
+__all__ = ["QWEN2_AUDIO_SITES", "QWEN2_AUDIO_FAMILY", "Qwen2AudioAdapter", "AUDIO_LAYERS"]
 
-# `vision_layers` holds the audio encoder's blocks (the registry's real-size check resolves
-# it), and `image_token_attr` the audio placeholder: FamilySites has no audio fields, and
-# Qwen2AudioAdapter reads both as audio.
-QWEN2_AUDIO_SITES = FamilySites(
-    language_layers="model.language_model.layers",
-    embed="model.language_model.embed_tokens",
-    projector="model.multi_modal_projector",
-    vision_layers="model.audio_tower.layers",
-    image_token_attr="audio_token_index",
-)
+# The registry's entry (audit/adapters/sites.py, families.py): `vision_layers` holds the
+# audio encoder's blocks and `image_token_attr` the audio placeholder (FamilySites has no
+# audio fields); Qwen2AudioAdapter reads both as audio.
+QWEN2_AUDIO_SITES = GENERATIVE_FAMILIES["qwen2_audio"]
 AUDIO_LAYERS = QWEN2_AUDIO_SITES.vision_layers
-QWEN2_AUDIO_OPTIONS = dict(
-    requires_class="Qwen2AudioConfig", auto_class="AutoModelForMultimodalLM",
-    adapter="audit.adapters.audio:Qwen2AudioAdapter",
-    notes="Audio and text only (no images); clips longer than the feature extractor's window (30 s) are refused, "
-          "other sample rates are resampled to its rate. Encoder blocks are hook sites audio.blocks.{i}.",
-)
-QWEN2_AUDIO_FAMILY = Family("qwen2_audio", "generative", QWEN2_AUDIO_SITES, **QWEN2_AUDIO_OPTIONS)
+QWEN2_AUDIO_FAMILY = family_of("qwen2_audio")
 
 
 class Qwen2AudioAdapter(GenerativeAdapter):
