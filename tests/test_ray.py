@@ -222,6 +222,8 @@ from audit.dataset import Dataset
 from audit.executors.ray_executor import RayExecutor
 from audit.runner import RunSpec, run_audit
 model, data, out = sys.argv[1:4]
+# a terminal's default Ctrl-C handling (a pytest-xdist worker starts its children with SIGINT ignored)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 _wait = ray.wait
 
 
