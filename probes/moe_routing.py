@@ -50,7 +50,7 @@ from audit.catalog import CATALOG
 from audit.errors import UnsupportedError
 from audit.stats import LEVEL, mean_ci, proportion_ci, seed_for
 from probes._intervals import resamples
-from probes.base import Plan, Probe, Unit, metrics_frame, register, rows_frame
+from probes.base import Probe, Unit, metrics_frame, register, rows_frame
 
 __all__ = ["MoERouting", "router_layers", "route", "token_modalities", "normalised_mutual_information",
            "SPAN_SOURCES", "ROUTER_SITE"]
@@ -172,17 +172,9 @@ class MoERouting(Probe):
     def cost_per_example(self, adapter: ModelAdapter) -> float:
         return 2.0  # the real image and a blank one
 
-    def plan(self, adapter: ModelAdapter, data, *, max_examples: int | None = None) -> Plan:
-        # the default plan, plus the blocks that have a router (a unit must not re-resolve them)
-        problems = self.check(adapter)
-        if problems:
-            return Plan(self.name, skipped=tuple(problems))
-        examples = self.select(data)
-        selected = len(examples)
-        if max_examples is not None:
-            examples = examples[:max_examples]
-        units = self.chunk(adapter, data, examples, params={"layers": router_layers(adapter)})
-        return Plan(self.name, units=units, n_selected=selected)
+    def chunk(self, adapter, data, examples, *, size=None, params=None) -> tuple[Unit, ...]:
+        # the default plan's units, plus the blocks that have a router (a unit must not re-resolve them)
+        return super().chunk(adapter, data, examples, size=size, params={"layers": router_layers(adapter)})
 
     def run(self, adapter: ModelAdapter, unit: Unit, *, seed: int) -> pd.DataFrame:
         data = unit.dataset()
