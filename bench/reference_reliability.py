@@ -17,7 +17,7 @@ than its tie tolerance; the plain argmax change rate is recorded next to it)
 Writes bench/results/<date>-reference.{json,md}: every cell next to its target, with the
 training wall time, user CPU seconds and the load average around it (on a shared machine
 wall time is inflated; CPU seconds less so). Finished cells are kept in --work and skipped
-when the command is run again.
+when the command is run again (per recipe version: changing the recipe retrains).
 """
 from __future__ import annotations
 
@@ -78,8 +78,15 @@ def cell(data: str, out: str, variant: str, seed: int, threads: int) -> dict:
     return res
 
 
+def _recipe() -> dict:
+    from reference_models.train import FINAL_LR, RECIPE, RECIPE_VERSION, STEP_FACTOR
+
+    return {"version": RECIPE_VERSION, **RECIPE["tiny"], "final_lr": FINAL_LR, "step_factor": STEP_FACTOR}
+
+
 def _run_cell(work: Path, variant: str, seed: int, threads: int) -> dict:
-    done = work / "cells" / f"{variant}-s{seed}-t{threads}.json"
+    # Cells are kept per recipe version: a cell trained with another recipe is not reused.
+    done = work / "cells" / f"recipe{_recipe()['version']}" / f"{variant}-s{seed}-t{threads}.json"
     if done.is_file():
         return json.loads(done.read_text())
     data = work / f"data-s{seed}-b{9 if variant == 'biased' else 5}"
@@ -109,6 +116,7 @@ def _markdown(res: dict) -> str:
     lines = [f"# Reference model reliability — {res['date']}", "", f"command: `{res['command']}`", "",
              f"machine: {res['machine']}; load average at start {res['load_at_start']:.2f}. Wall times are "
              "inflated when the load exceeds the CPU count; user CPU seconds less so.", "",
+             f"recipe (tiny): `{json.dumps(res['recipe'])}`", "",
              f"all cells meet their targets: **{res['all_ok']}** ({res['n_ok']}/{res['n_checks']} checks)", "",
              "| variant | seed | threads | metric | value | target | ok | steps | train wall s | user CPU s | load |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -147,7 +155,7 @@ def main(argv=None) -> int:
         cells = list(pool.map(lambda j: _run_cell(work, *j), jobs))
     checks = [_ok(c[m], op, t) for c in cells for m, op, t in TARGETS[c["variant"]]]
     res = {"date": dt.date.today().isoformat(), "command": " ".join(["bench/reference_reliability.py", *sys.argv[1:]]),
-           "machine": f"{os.cpu_count()} CPUs", "load_at_start": load0, "n": a.n, "all_ok": all(checks),
+           "machine": f"{os.cpu_count()} CPUs", "load_at_start": load0, "recipe": _recipe(), "n": a.n, "all_ok": all(checks),
            "n_ok": sum(checks), "n_checks": len(checks), "targets": TARGETS, "cells": cells}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

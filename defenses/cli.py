@@ -82,7 +82,7 @@ def add_commands(sub) -> None:
     db.add_argument("--out", required=True, metavar="MODEL_DIR2")
     db.add_argument("--epochs", type=positive_int, default=3)
     db.add_argument("--batch-size", type=positive_int, default=32)
-    db.add_argument("--lr", type=positive_float, help="learning rate of cda/clp fine-tuning (default 5e-4)")
+    db.add_argument("--lr", type=positive_float, help="learning rate of cda/clp fine-tuning (default 1e-4)")
     db.add_argument("--clp-weight", type=positive_float, default=1.0, help="λ of the logit-pairing term (clp)")
     db.add_argument("--attribute", default="group", help="protected attribute for the residual adversary")
     db.add_argument("--residual-directions", type=positive_int, default=16,

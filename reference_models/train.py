@@ -23,7 +23,8 @@ the generative families keep their freshly initialised vision tower frozen, beca
 from-scratch ViT trained only through the language loss collapses early (colour accuracy
 stalled at 0.6-0.8 depending on seed and thread count), while random frozen patch features
 keep every colour and shape linearly readable; the projector and the language model learn
-to read them in ~100 steps. Linear warm-up then cosine decay, and a floor on optimiser
+to read them in ~100 steps. Each epoch mirrors a seeded half of the training images (no
+answer changes; see `_Mirrored`). Linear warm-up then cosine decay, and a floor on optimiser
 steps rather than a fixed epoch count, so a small dataset trains as long as a large one.
 """
 from __future__ import annotations
@@ -39,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import ImageOps
 from safetensors.torch import load_model, save_model
 
 from audit.adapters.families import family_of
@@ -60,17 +62,20 @@ CHECKPOINT = "checkpoint"
 # Per preset: `steps` is a floor on optimiser steps (epochs = ceil(steps / steps per epoch)
 # unless --epochs is given); lr peaks after `warmup` of the steps and decays by cosine to
 # FINAL_LR of it. Tiny: measured in bench/reference_reliability.py (every seed and thread
-# count meets its target); small/base: GPU presets, same shape of schedule.
-RECIPE = {"tiny": dict(steps=300, batch_size=32, lr=4e-3, warmup=0.1),
+# count meets its target); small/base: GPU presets, same shape of schedule. Tiny's peak lr
+# was 4e-3 until grounded seed 1 stayed at chance colour accuracy through all 322 steps (seed
+# 0 only got there after ~220 steps); at 2e-3 seed 2 (with mirrored images) stalled at 0.83,
+# reading three colours of four; at 1e-3 every seed reads colour by step ~80-120.
+RECIPE = {"tiny": dict(steps=300, batch_size=32, lr=1e-3, warmup=0.1),
           "small": dict(steps=220, batch_size=64, lr=3e-4, warmup=0.1),
           "base": dict(steps=220, batch_size=32, lr=1e-4, warmup=0.1)}
 # `fair` is the one variant whose known answer needs the occupation cue learned (its only
 # signal about jobs): half-way there, its answers about people are near coin flips that the
-# hat can tip (measured: flip rate 0.08-0.17 at 300 steps, 0.00-0.01 at 600), so it trains
-# twice as long.
+# hat can tip (at the first recipe: flip rate 0.08-0.17 at 300 steps, 0.00-0.01 at 600), so
+# it trains twice as long.
 STEP_FACTOR = {"fair": 2}
 FINAL_LR = 0.05  # cosine decays to this fraction of the peak
-RECIPE_VERSION = 2  # part of the resume key: a checkpoint of another recipe is not resumed
+RECIPE_VERSION = 5  # part of the resume key: a checkpoint of another recipe is not resumed
 
 
 def _check_variant_data(variant: str, data: Dataset) -> None:
@@ -254,6 +259,7 @@ def train_reference(*, arch: str, preset: str, variant: str, data_dir, out_dir, 
             t0 = time.perf_counter()
             model.train()
             order = np.random.default_rng([seed, epoch]).permutation(len(train))
+            mirrored = _Mirrored(images, train, np.random.default_rng([seed, epoch, 1]).random(len(train)) < 0.5)
             torch.manual_seed(seed * 1000 + epoch)
             total, n_seen = 0.0, 0
             for step in range(steps_per_epoch):
@@ -261,7 +267,7 @@ def train_reference(*, arch: str, preset: str, variant: str, data_dir, out_dir, 
 
                 def loss_of(batch=batch):
                     with autocast:
-                        return batch_loss(adapter, images, batch, text_of=training_text)
+                        return batch_loss(adapter, mirrored, batch, text_of=training_text)
 
                 (loss,) = train_step(opt, loss_of, max_grad_norm=1.0, scheduler=sched)
                 total += loss.item() * len(batch)
@@ -305,6 +311,24 @@ class _ImageCache:
         if e.image not in self.cache:
             self.cache[e.image] = self.data.image(e)
         return self.cache[e.image]
+
+
+class _Mirrored:
+    """One epoch's training images: a seeded half of them mirrored left-right. Mirroring
+    changes none of the synthetic answers (colour, shape, count, presence, the hat, the job
+    cue) but makes each image twice as hard to memorise; without it the `fair` variant
+    memorised its cue-hidden people and answered them decisively, so the hat could tip
+    them (group flip rate 0.105 with seed 4, target <= 0.05; 0.01 with mirroring).
+    Canaries are never mirrored: they are planted to measure memorisation of exactly
+    those images."""
+
+    def __init__(self, images: _ImageCache, train: list, mirror: np.ndarray) -> None:
+        self.images = images
+        self.ids = {e.id for e, m in zip(train, mirror) if m and "canary" not in e.tags}
+
+    def image(self, e):
+        im = self.images.image(e)
+        return ImageOps.mirror(im) if e.id in self.ids and im is not None else im
 
 
 @contextlib.contextmanager

@@ -29,3 +29,23 @@ def test_bench_smoke(tmp_path, monkeypatch):
         assert probe["counted_forward_rows"] > 0, name
     assert {c["item"] for c in res["checks"]} >= {"hooks", "memory", "dp", "estimate", "suite_standard_tiny"}
     assert (tmp_path / result.name.replace(".json", ".md")).is_file()
+
+
+def test_validity_smoke(tmp_path):
+    """bench/validity.py at a few audits: every rate sits beside its target, and the interval
+    coverage verdict comes from the coverage audits, not from the warning audits."""
+    mod = runpy.run_path(str(Path(__file__).resolve().parents[1] / "bench" / "validity.py"))
+    mod["main"](["--audits", "3", "--power-audits", "2", "--coverage-audits", "5", "--interval-draws", "5",
+                 "--out", str(tmp_path)])
+    (result,) = tmp_path.glob("*-validity.json")
+    res = json.loads(result.read_text())
+    assert res["coverage_audits"] == 5
+    for probe in ("group_fairness", "counterfactual_bias", "retrieval_skew", "hallucination"):
+        assert "error" not in res[probe], res[probe]
+    eq = res["group_fairness"]["equal_60"]
+    assert eq["warning_rate"]["audits"] == 3
+    assert eq["coverage_equalized_odds_difference"]["audits"] == 5
+    assert "meets_target" not in eq["coverage_in_the_3_warning_audits"]["coverage_equalized_odds_difference"]
+    assert "intervals_only_5" in res["group_fairness"]
+    missed = {p for p in res["targets_missed"]}
+    assert res["all_targets_met"] == (not missed)

@@ -321,6 +321,29 @@ def test_plan_training_floors_optimiser_steps_not_epochs():
     assert plan_training("tiny", 1400, batch_size=8, lr=1e-3)["steps_per_epoch"] == 175
 
 
+def test_epoch_images_mirror_a_seeded_half_and_never_a_canary(tmp_path):
+    """Training sees a seeded half of each epoch's images mirrored left-right (the answers do
+    not change); canaries, planted to measure memorisation of exactly those images, never."""
+    from PIL import ImageOps
+
+    from reference_models.train import _ImageCache, _Mirrored
+
+    generate(tmp_path / "d", n=300, seed=3)
+    data = Dataset.load(tmp_path / "d")
+    train = [e for e in data.select(split="train") if e.answer is not None and e.image]
+    canaries = [e for e in train if "canary" in e.tags]
+    assert canaries
+    flags = np.random.default_rng([0, 0, 1]).random(len(train)) < 0.5
+    view, again = _Mirrored(_ImageCache(data), train, flags), _Mirrored(_ImageCache(data), train, flags)
+    assert view.ids == again.ids  # seeded: a resumed epoch mirrors the same images
+    ordinary = [e for e in train if "canary" not in e.tags]
+    assert 0.35 < len(view.ids) / len(ordinary) < 0.65
+    assert not view.ids & {e.id for e in canaries}
+    for e, m in zip(train, flags):
+        want = ImageOps.mirror(data.image(e)) if m and "canary" not in e.tags else data.image(e)
+        assert np.array_equal(np.asarray(view.image(e)), np.asarray(want)), e.id
+
+
 def test_progress_estimate_is_measured_on_the_first_steps_after_the_warm_up():
     """With a clock where the first step takes 10 s and every later one 1 s, the estimate
     printed after CALIBRATE timed steps is exactly 1 s per remaining step, and it is updated."""
