@@ -155,8 +155,8 @@ def main(argv=None) -> int:
         cells = list(pool.map(lambda j: _run_cell(work, *j), jobs))
     checks = [_ok(c[m], op, t) for c in cells for m, op, t in TARGETS[c["variant"]]]
     res = {"date": dt.date.today().isoformat(), "command": " ".join(["bench/reference_reliability.py", *sys.argv[1:]]),
-           "machine": f"{os.cpu_count()} CPUs", "load_at_start": load0, "recipe": _recipe(), "n": a.n, "all_ok": all(checks),
-           "n_ok": sum(checks), "n_checks": len(checks), "targets": TARGETS, "cells": cells}
+           "machine": f"{os.cpu_count()} CPUs", "load_at_start": load0, "recipe": _recipe(), "n": a.n,
+           "all_ok": all(checks), "n_ok": sum(checks), "n_checks": len(checks), "targets": TARGETS, "cells": cells}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{res['date']}-reference"

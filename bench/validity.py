@@ -275,7 +275,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     a = ap.parse_args(argv)
     warnings.simplefilter("ignore")  # fairlearn / BCa notices on tiny resamples are not results
-    res = {"date": dt.date.today().isoformat(), "command": " ".join(["bench/validity.py", *(sys.argv[1:] if argv is None else argv)]), "audits": a.audits,
+    command = " ".join(["bench/validity.py", *(sys.argv[1:] if argv is None else argv)])
+    res = {"date": dt.date.today().isoformat(), "command": command, "audits": a.audits,
            "power_audits": a.power_audits, "coverage_audits": a.coverage_audits, "seed": a.seed}
     t0 = time.perf_counter()
     for name, fn in (("group_fairness", group_fairness), ("counterfactual_bias", counterfactual_bias),
